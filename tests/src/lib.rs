@@ -1,1 +1,156 @@
-//! Placeholder.
+//! Helpers shared by nutshell's integration tests (`tests/tests/*.rs`).
+//!
+//! Integration tests need things a plain `cargo test` may not have: root, a
+//! built agent, the guest image, QEMU, containerd. A test asks for them with
+//! [`require`]: where one is missing it either skips with a one-line reason
+//! or, when `NUTSHELL_REQUIRE_ALL=1` (set by `tools/test.sh`, so by CI), it
+//! fails. Nothing passes silently because the host lacks something.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The workspace root (the directory holding the top-level `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Whether missing prerequisites must fail the test instead of skipping it.
+pub fn require_all() -> bool {
+    std::env::var("NUTSHELL_REQUIRE_ALL").is_ok_and(|v| v == "1")
+}
+
+/// Returns `true` when `ok`. Otherwise skips (prints `SKIP <test>: <reason>`
+/// and returns `false`) or, under `NUTSHELL_REQUIRE_ALL=1`, panics.
+///
+/// ```ignore
+/// if !require(is_root(), "needs root") { return; }
+/// ```
+pub fn require(ok: bool, reason: &str) -> bool {
+    if ok {
+        return true;
+    }
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test>")
+        .to_string();
+    if require_all() {
+        panic!("{test}: prerequisite missing and NUTSHELL_REQUIRE_ALL=1: {reason}");
+    }
+    eprintln!("SKIP {test}: {reason}");
+    false
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // /proc/self/status is the least code and needs no unsafe (geteuid).
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Finds an executable on `PATH`.
+pub fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// The static `nutshell-agent` binary: `$NUTSHELL_AGENT_BIN`, else the one
+/// `tools/build-agent.sh` builds, else the workspace's debug build.
+pub fn agent_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("NUTSHELL_AGENT_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let root = workspace_root();
+    [
+        "target/x86_64-unknown-linux-gnu/release/nutshell-agent",
+        "target/debug/nutshell-agent",
+    ]
+    .iter()
+    .map(|p| root.join(p))
+    .find(|p| p.is_file())
+}
+
+/// Directory of the installed guest assets (`vmlinux`,
+/// `initramfs.cpio.gz`): `$NUTSHELL_GUEST_DIR`, else `/usr/share/nutshell`.
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("NUTSHELL_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/share/nutshell"))
+}
+
+/// Path of the static busybox used for test rootfs.
+pub const BUSYBOX: &str = "/bin/busybox";
+
+/// Fills `dir` with a minimal busybox root filesystem: `/bin/busybox` with a
+/// link per applet, the usual empty mount points, and `/etc/passwd` and
+/// `/etc/group` with root and nobody.
+pub fn busybox_rootfs(dir: &Path) -> io::Result<()> {
+    for d in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run",
+        "var",
+    ] {
+        fs::create_dir_all(dir.join(d))?;
+    }
+    fs::copy(BUSYBOX, dir.join("bin/busybox"))?;
+    let list = Command::new(BUSYBOX).arg("--list-full").output()?;
+    if !list.status.success() {
+        return Err(io::Error::other("`busybox --list-full` failed"));
+    }
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let applet = applet.trim();
+        if applet.is_empty() || applet == "bin/busybox" {
+            continue;
+        }
+        let link = dir.join(applet);
+        if link.exists() || link.symlink_metadata().is_ok() {
+            continue;
+        }
+        if let Some(parent) = link.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        symlink("/bin/busybox", &link)?;
+    }
+    fs::write(
+        dir.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    )?;
+    fs::write(dir.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busybox_rootfs_has_a_shell() {
+        if !require(Path::new(BUSYBOX).is_file(), "needs /bin/busybox (busybox-static)") {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        busybox_rootfs(dir.path()).expect("rootfs");
+        let sh = dir.path().join("bin/sh");
+        assert_eq!(
+            fs::read_link(&sh).expect("bin/sh is a link"),
+            PathBuf::from("/bin/busybox")
+        );
+        assert!(dir.path().join("bin/busybox").is_file());
+        assert!(fs::read_to_string(dir.path().join("etc/passwd"))
+            .expect("passwd")
+            .starts_with("root:x:0:0:"));
+    }
+}

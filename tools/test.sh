@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The test command (README, and .ci/run). Installs what the tests need, checks
+# formatting and lints, builds the agent and the guest image, and runs every
+# test. Missing prerequisites fail the run (NUTSHELL_REQUIRE_ALL=1) rather than
+# skipping, except where a host genuinely cannot do something (a KVM that
+# cannot boot Linux), which is printed as a one-line SKIP with the reason.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export NUTSHELL_REQUIRE_ALL=1
+export CARGO_TERM_COLOR=never
+step() { printf '\n==> %s\n' "$*"; }
+
+step "setup (dependencies only)"
+tools/setup.sh --deps
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test"
+cargo test --workspace
