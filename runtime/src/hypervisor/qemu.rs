@@ -1,0 +1,480 @@
+//! The QEMU backend: `qemu-system-x86_64 -M microvm`, with vsock and the
+//! shared directory served by vhost-user backends (`vhost-device-vsock`,
+//! `virtiofsd`), since hosts without vhost kernel modules are a case this
+//! backend exists for.
+//!
+//! Start order: the backends first; QEMU only once their sockets exist, since
+//! it connects to them at start-up and fails when they are missing.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::process::Command;
+
+use super::supervisor::{ProcessRole, ProcessTree, RunningVm, StateFiles};
+use super::{Accel, Hypervisor, HypervisorError, VmConfig, SHARED_DIR_TAG};
+
+/// The guest's vsock context id. Each VM has its own vsock backend, so every
+/// VM can use the same one.
+pub const GUEST_CID: u32 = 3;
+
+/// Kernel command line the runtime always passes; `VmConfig::kernel_params`
+/// come after it. `reboot=k` with `-no-reboot` turns the guest's power-off
+/// into a QEMU exit; `panic=-1` does the same for a panic, so a dead guest
+/// never lingers. The rest trims boot time (no timer check or crypto self
+/// tests, expedited RCU), which TCG pays for instruction by instruction.
+const BASE_CMDLINE: &[&str] = &[
+    "console=ttyS0",
+    "reboot=k",
+    "panic=-1",
+    "no_timer_check",
+    "cryptomgr.notests",
+    "rcupdate.rcu_expedited=1",
+    "8250.nr_uarts=1",
+];
+
+/// Where the programs QEMU needs live.
+#[derive(Debug, Clone)]
+pub struct QemuBinaries {
+    /// `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+    /// `vhost-device-vsock` (rust-vmm).
+    pub vsock_backend: PathBuf,
+    /// `virtiofsd`.
+    pub virtiofsd: PathBuf,
+}
+
+impl QemuBinaries {
+    /// Finds each program on `PATH`, then in `/usr/local/bin` and
+    /// `/usr/libexec` (where distributions put virtiofsd).
+    pub fn discover() -> Result<Self, HypervisorError> {
+        Ok(Self {
+            qemu: find_program("qemu-system-x86_64")?,
+            vsock_backend: find_program("vhost-device-vsock")?,
+            virtiofsd: find_program("virtiofsd")?,
+        })
+    }
+}
+
+fn find_program(name: &'static str) -> Result<PathBuf, HypervisorError> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.extend(["/usr/local/bin", "/usr/libexec", "/usr/bin"].map(PathBuf::from));
+    dirs.iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| HypervisorError::MissingProgram {
+            program: name,
+            looked_in: "PATH, /usr/local/bin, /usr/libexec".into(),
+        })
+}
+
+/// Runs VMs with QEMU's microvm machine.
+#[derive(Debug, Clone)]
+pub struct QemuHypervisor {
+    binaries: QemuBinaries,
+    kvm_usable: bool,
+    socket_timeout: Duration,
+}
+
+impl QemuHypervisor {
+    /// A backend with these programs. [`Accel::Auto`] means TCG until
+    /// [`Self::with_kvm_usable`] says otherwise.
+    pub fn new(binaries: QemuBinaries) -> Self {
+        Self {
+            binaries,
+            kvm_usable: false,
+            socket_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// A backend with the programs [`QemuBinaries::discover`] finds.
+    pub fn discover() -> Result<Self, HypervisorError> {
+        QemuBinaries::discover().map(Self::new)
+    }
+
+    /// Whether this host's KVM can run a Linux guest, which makes
+    /// [`Accel::Auto`] pick KVM. This is the hook for the probe
+    /// (`nutshell check`): a nested KVM that cannot emulate a guest kernel
+    /// must stay on TCG.
+    pub fn with_kvm_usable(mut self, usable: bool) -> Self {
+        self.kvm_usable = usable;
+        self
+    }
+
+    /// How long a vhost-user backend gets to create its socket.
+    pub fn with_socket_timeout(mut self, limit: Duration) -> Self {
+        self.socket_timeout = limit;
+        self
+    }
+
+    /// The programs this backend runs.
+    pub fn binaries(&self) -> &QemuBinaries {
+        &self.binaries
+    }
+
+    /// The accelerator a config ends up with on this backend.
+    pub fn resolve_accel(&self, accel: Accel) -> Accel {
+        match accel {
+            Accel::Auto if self.kvm_usable => Accel::Kvm,
+            Accel::Auto => Accel::Tcg,
+            other => other,
+        }
+    }
+}
+
+/// The files of one QEMU VM in its state directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct VmFiles {
+    /// vhost-user socket of the vsock backend (QEMU connects).
+    pub vhost_vsock: PathBuf,
+    /// Hybrid-vsock socket the host dials to reach guest ports.
+    pub agent: PathBuf,
+    /// vhost-user socket of virtiofsd, when a directory is shared.
+    pub fs: Option<PathBuf>,
+    /// Serial console log.
+    pub console: PathBuf,
+}
+
+impl VmFiles {
+    fn new(config: &VmConfig) -> Self {
+        let d = &config.state_dir;
+        Self {
+            vhost_vsock: d.join("vhu.sock"),
+            agent: d.join("vsock.sock"),
+            fs: config.shared_dir.as_ref().map(|_| d.join("fs.sock")),
+            console: d.join("console.log"),
+        }
+    }
+}
+
+/// The guest kernel command line for `config`.
+pub(crate) fn kernel_cmdline(config: &VmConfig) -> String {
+    let mut words: Vec<&str> = BASE_CMDLINE.to_vec();
+    words.push(if config.debug_console {
+        "loglevel=7"
+    } else {
+        "quiet"
+    });
+    words.extend(config.kernel_params.iter().map(String::as_str));
+    words.join(" ")
+}
+
+/// QEMU's arguments for `config`, with `accel` already resolved.
+pub(crate) fn qemu_args(config: &VmConfig, accel: Accel, files: &VmFiles) -> Vec<OsString> {
+    fn push(a: &mut Vec<OsString>, parts: &[&str]) {
+        a.extend(parts.iter().map(OsString::from));
+    }
+    let mem = config.memory_mib;
+    let mut a: Vec<OsString> = Vec::new();
+    let (accel, cpu) = match accel {
+        Accel::Kvm => ("kvm", "host"),
+        Accel::Tcg | Accel::Auto => ("tcg", "max"),
+    };
+    let name = format!("nutshell-{}", config.id);
+    let smp = config.vcpus.to_string();
+    let memory = format!("{mem}M");
+    let backend = format!("memory-backend-memfd,id=mem,size={mem}M,share=on");
+    push(&mut a, &["-name", &name]);
+    // microvm without ACPI: QEMU then lists the virtio-mmio devices on the
+    // kernel command line, which a kernel without ACPI can read. Guest memory
+    // is a shared memfd so the vhost-user backends can map it.
+    push(
+        &mut a,
+        &[
+            "-M",
+            "microvm,x-option-roms=off,acpi=off,memory-backend=mem",
+        ],
+    );
+    push(
+        &mut a,
+        &["-accel", accel, "-cpu", cpu, "-smp", &smp, "-m", &memory],
+    );
+    push(&mut a, &["-object", &backend]);
+    push(
+        &mut a,
+        &[
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ],
+    );
+    // QEMU's own seccomp filter: no exec, no privilege changes.
+    push(
+        &mut a,
+        &[
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ],
+    );
+    a.push("-chardev".into());
+    a.push(chardev("file", "con", &files.console));
+    push(&mut a, &["-serial", "chardev:con"]);
+    a.push("-kernel".into());
+    a.push(config.kernel.clone().into_os_string());
+    a.push("-initrd".into());
+    a.push(config.initrd.clone().into_os_string());
+    a.push("-append".into());
+    a.push(kernel_cmdline(config).into());
+    a.push("-chardev".into());
+    a.push(chardev("socket", "vsock", &files.vhost_vsock));
+    push(
+        &mut a,
+        &["-device", "vhost-user-vsock-device,chardev=vsock"],
+    );
+    if let Some(fs) = &files.fs {
+        a.push("-chardev".into());
+        a.push(chardev("socket", "fs", fs));
+        a.push("-device".into());
+        a.push(format!("vhost-user-fs-device,chardev=fs,tag={SHARED_DIR_TAG}").into());
+    }
+    a
+}
+
+/// `<kind>,id=<id>,path=<path>`. QEMU splits options at commas; a comma in
+/// the path is written as two, as QEMU's option syntax requires.
+fn chardev(kind: &str, id: &str, path: &Path) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut v = format!("{kind},id={id},path=").into_bytes();
+    for &b in path.as_os_str().as_bytes() {
+        v.push(b);
+        if b == b',' {
+            v.push(b',');
+        }
+    }
+    OsString::from_vec(v)
+}
+
+fn vsock_backend_args(files: &VmFiles) -> Vec<OsString> {
+    vec![
+        "--guest-cid".into(),
+        GUEST_CID.to_string().into(),
+        "--socket".into(),
+        files.vhost_vsock.clone().into(),
+        "--uds-path".into(),
+        files.agent.clone().into(),
+    ]
+}
+
+fn virtiofsd_args(shared_dir: &Path, socket: &Path) -> Vec<OsString> {
+    vec![
+        "--socket-path".into(),
+        socket.into(),
+        "--shared-dir".into(),
+        shared_dir.into(),
+        // The guest never caches: the host changes the directory under it
+        // (rootfs and volumes bind-mounted in as containers come).
+        "--cache".into(),
+        "never".into(),
+        // Bind mounts inside the shared directory get their own st_dev in
+        // the guest, so inode numbers of different filesystems never clash.
+        "--announce-submounts".into(),
+    ]
+}
+
+#[async_trait]
+impl Hypervisor for QemuHypervisor {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn launch(&self, config: &VmConfig) -> Result<RunningVm, HypervisorError> {
+        config.validate()?;
+        let accel = self.resolve_accel(config.accel);
+        if accel == Accel::Kvm && !Path::new("/dev/kvm").exists() {
+            return Err(HypervisorError::InvalidConfig(
+                "KVM was asked for but /dev/kvm does not exist".into(),
+            ));
+        }
+        let files = VmFiles::new(config);
+        let mut state = StateFiles::prepare(&config.state_dir, config.debug_console)?;
+        state.claim(&files.vhost_vsock)?;
+        state.claim(&files.agent)?;
+        if let Some(fs) = &files.fs {
+            state.claim(fs)?;
+        }
+        let mut tree = ProcessTree::new(&config.id, state);
+
+        let mut vsock = Command::new(&self.binaries.vsock_backend);
+        vsock.args(vsock_backend_args(&files));
+        tree.spawn(ProcessRole::VsockBackend, "vhost-device-vsock", vsock)?;
+
+        if let (Some(dir), Some(socket)) = (&config.shared_dir, &files.fs) {
+            let mut fsd = Command::new(&self.binaries.virtiofsd);
+            fsd.args(virtiofsd_args(dir, socket));
+            if let Err(e) = tree.spawn(ProcessRole::FsBackend, "virtiofsd", fsd) {
+                tree.kill_and_clean().await;
+                return Err(e);
+            }
+        }
+
+        let mut waits = vec![("vhost-device-vsock", files.vhost_vsock.clone())];
+        if let Some(fs) = &files.fs {
+            waits.push(("virtiofsd", fs.clone()));
+        }
+        for (program, socket) in waits {
+            if let Err(why) = tree
+                .wait_for_socket(program, &socket, self.socket_timeout)
+                .await
+            {
+                return Err(tree.abort(why).await);
+            }
+        }
+
+        let mut qemu = Command::new(&self.binaries.qemu);
+        qemu.args(qemu_args(config, accel, &files));
+        if let Err(e) = tree.spawn(ProcessRole::Vmm, "qemu-system-x86_64", qemu) {
+            tree.kill_and_clean().await;
+            return Err(e);
+        }
+        tracing::info!(vm = %config.id, accel = ?accel, "QEMU VM started");
+        Ok(tree.into_running(files.agent))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        let mut c = VmConfig::new("pod-a", "/run/nutshell/pod-a");
+        c.kernel = "/k/vmlinux".into();
+        c.initrd = "/k/initrd".into();
+        c.memory_mib = 128;
+        c.vcpus = 2;
+        c
+    }
+
+    fn args_of(c: &VmConfig, accel: Accel) -> Vec<String> {
+        qemu_args(c, accel, &VmFiles::new(c))
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn tcg_command_line() {
+        let args = args_of(&config(), Accel::Tcg);
+        assert_eq!(value_after(&args, "-accel"), ["tcg"]);
+        assert_eq!(value_after(&args, "-cpu"), ["max"]);
+        assert_eq!(value_after(&args, "-smp"), ["2"]);
+        assert_eq!(value_after(&args, "-m"), ["128M"]);
+        assert_eq!(
+            value_after(&args, "-M"),
+            ["microvm,x-option-roms=off,acpi=off,memory-backend=mem"]
+        );
+        assert_eq!(
+            value_after(&args, "-object"),
+            ["memory-backend-memfd,id=mem,size=128M,share=on"]
+        );
+        assert_eq!(value_after(&args, "-kernel"), ["/k/vmlinux"]);
+        assert_eq!(value_after(&args, "-initrd"), ["/k/initrd"]);
+        assert!(args.contains(&"-no-reboot".to_string()));
+        assert_eq!(
+            value_after(&args, "-chardev"),
+            [
+                "file,id=con,path=/run/nutshell/pod-a/console.log",
+                "socket,id=vsock,path=/run/nutshell/pod-a/vhu.sock",
+            ]
+        );
+        assert_eq!(
+            value_after(&args, "-device"),
+            ["vhost-user-vsock-device,chardev=vsock"]
+        );
+        let append = value_after(&args, "-append");
+        assert_eq!(append.len(), 1);
+        assert!(append[0].starts_with("console=ttyS0 "));
+        assert!(append[0].contains(" quiet"));
+    }
+
+    #[test]
+    fn kvm_shared_dir_and_extra_params() {
+        let mut c = config();
+        c.shared_dir = Some("/run/nutshell/pod-a/shared".into());
+        c.kernel_params = vec!["nutshell.agent_port=2000".into()];
+        c.debug_console = true;
+        let args = args_of(&c, Accel::Kvm);
+        assert_eq!(value_after(&args, "-accel"), ["kvm"]);
+        assert_eq!(value_after(&args, "-cpu"), ["host"]);
+        assert!(value_after(&args, "-chardev")
+            .contains(&"socket,id=fs,path=/run/nutshell/pod-a/fs.sock"));
+        assert!(
+            value_after(&args, "-device").contains(&"vhost-user-fs-device,chardev=fs,tag=nutshell")
+        );
+        let append = value_after(&args, "-append")[0];
+        assert!(
+            append.ends_with(" loglevel=7 nutshell.agent_port=2000"),
+            "{append}"
+        );
+        assert!(!append.contains("quiet"));
+    }
+
+    #[test]
+    fn commas_in_paths_are_escaped() {
+        let c = chardev("socket", "x", Path::new("/run/a,b/s.sock"));
+        assert_eq!(c, "socket,id=x,path=/run/a,,b/s.sock");
+    }
+
+    #[test]
+    fn backend_arguments() {
+        let c = config();
+        let files = VmFiles::new(&c);
+        let v: Vec<String> = vsock_backend_args(&files)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            v,
+            [
+                "--guest-cid",
+                "3",
+                "--socket",
+                "/run/nutshell/pod-a/vhu.sock",
+                "--uds-path",
+                "/run/nutshell/pod-a/vsock.sock"
+            ]
+        );
+        let f: Vec<String> = virtiofsd_args(Path::new("/srv/x"), Path::new("/s/fs.sock"))
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            f[..6],
+            [
+                "--socket-path",
+                "/s/fs.sock",
+                "--shared-dir",
+                "/srv/x",
+                "--cache",
+                "never"
+            ]
+        );
+    }
+
+    #[test]
+    fn auto_accel_follows_the_kvm_hook() {
+        let b = QemuBinaries {
+            qemu: "q".into(),
+            vsock_backend: "v".into(),
+            virtiofsd: "f".into(),
+        };
+        let hv = QemuHypervisor::new(b);
+        assert_eq!(hv.resolve_accel(Accel::Auto), Accel::Tcg);
+        assert_eq!(hv.resolve_accel(Accel::Kvm), Accel::Kvm);
+        let hv = hv.with_kvm_usable(true);
+        assert_eq!(hv.resolve_accel(Accel::Auto), Accel::Kvm);
+        assert_eq!(hv.resolve_accel(Accel::Tcg), Accel::Tcg);
+    }
+}

@@ -1,0 +1,681 @@
+//! Supervision of a VM's process tree.
+//!
+//! Each process (the VMM and its vhost-user backends) runs as the leader of
+//! its own process group, dies with the runtime (`PR_SET_PDEATHSIG`, and
+//! `kill_on_drop`), and has a task that reaps it and reports its exit. The
+//! first exit ends the VM: a VM cannot run without any of its processes, so
+//! the rest are killed, everything is reaped, the files the VM made in the
+//! state directory are removed, and the [`VmExit`] is published to every
+//! [`VmEndWatch`]. Nothing here waits without a bound.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, ChildStderr, Command};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep, timeout, Instant};
+
+use super::console::{format_tail, last_lines, sanitize_line};
+use super::memory::{host_memory, HostMemory};
+use super::HypervisorError;
+
+/// Console lines kept in a [`VmExit`].
+const CONSOLE_TAIL_LINES: usize = 20;
+/// Stderr lines kept per process.
+const STDERR_TAIL_LINES: usize = 10;
+/// Longest stderr line buffered before it is cut.
+const MAX_STDERR_LINE: usize = 1024;
+/// How long killed processes get to be reaped before the supervisor gives up
+/// waiting (a process stuck in the kernel); their tasks keep reaping.
+const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the VMM gets between SIGTERM and SIGKILL in a shutdown.
+const TERM_GRACE: Duration = Duration::from_secs(2);
+
+/// What a process of the VM does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProcessRole {
+    /// The virtual machine monitor (QEMU, or nutshell-vmm).
+    Vmm,
+    /// The vhost-user vsock backend (the agent's channel).
+    VsockBackend,
+    /// The vhost-user virtio-fs backend (the pod's shared directory).
+    FsBackend,
+}
+
+impl fmt::Display for ProcessRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Vmm => "the VMM",
+            Self::VsockBackend => "the vsock backend",
+            Self::FsBackend => "the virtio-fs backend",
+        })
+    }
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcessStatus {
+    /// It exited with this status code.
+    Exited(i32),
+    /// A signal (this number) killed it.
+    Signaled(i32),
+    /// Its status could not be learnt; the message says why.
+    Unknown(String),
+}
+
+impl From<io::Result<ExitStatus>> for ProcessStatus {
+    fn from(r: io::Result<ExitStatus>) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match r {
+            Ok(s) => match (s.code(), s.signal()) {
+                (Some(c), _) => Self::Exited(c),
+                (None, Some(sig)) => Self::Signaled(sig),
+                (None, None) => Self::Unknown(format!("{s}")),
+            },
+            Err(e) => Self::Unknown(format!("waiting for it failed: {e}")),
+        }
+    }
+}
+
+impl fmt::Display for ProcessStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exited(c) => write!(f, "exited with status {c}"),
+            Self::Signaled(s) => match Signal::try_from(*s) {
+                Ok(sig) => write!(f, "was killed by signal {s} ({sig})"),
+                Err(_) => write!(f, "was killed by signal {s}"),
+            },
+            Self::Unknown(why) => write!(f, "ended ({why})"),
+        }
+    }
+}
+
+/// Why a VM ended: the first of its processes that ended, and how.
+#[derive(Debug, Clone)]
+pub struct VmExit {
+    /// The VM's id.
+    pub vm_id: String,
+    /// What the first process to end did.
+    pub role: ProcessRole,
+    /// Its program name.
+    pub program: String,
+    /// Its host pid.
+    pub pid: u32,
+    /// How it ended.
+    pub status: ProcessStatus,
+    /// The runtime had asked the VM to stop (shutdown, kill, or the handle
+    /// was dropped) before it ended.
+    pub requested: bool,
+    /// Its last stderr lines, sanitised.
+    pub stderr_tail: Vec<String>,
+    /// The last lines of the guest console, sanitised, read as the VM ended.
+    pub console_tail: Vec<String>,
+}
+
+impl VmExit {
+    /// The VMM ended by itself with status 0: the guest powered off or
+    /// rebooted (`-no-reboot`), as it does after DestroySandbox.
+    pub fn is_clean_poweroff(&self) -> bool {
+        self.role == ProcessRole::Vmm && self.status == ProcessStatus::Exited(0)
+    }
+}
+
+impl fmt::Display for VmExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "VM {}: {} ({}, pid {}) {}",
+            self.vm_id, self.program, self.role, self.pid, self.status
+        )?;
+        if self.requested {
+            f.write_str(" after the runtime asked it to stop")?;
+        }
+        if !self.stderr_tail.is_empty() {
+            write!(f, "; its last stderr lines:")?;
+            for l in &self.stderr_tail {
+                write!(f, "\n  ! {l}")?;
+            }
+        }
+        write!(f, "; {}", format_tail(&self.console_tail))
+    }
+}
+
+/// Something that resolves when a VM has ended; clone it freely (e.g. into
+/// the agent client, so calls fail at once when the VM dies).
+#[derive(Debug, Clone)]
+pub struct VmEndWatch(watch::Receiver<Option<Arc<VmExit>>>);
+
+impl VmEndWatch {
+    /// The exit, once the VM has ended and been cleaned up.
+    pub fn get(&self) -> Option<VmExit> {
+        self.0.borrow().as_deref().cloned()
+    }
+
+    /// Waits until the VM has ended and every process is reaped.
+    pub async fn wait(&self) -> VmExit {
+        let mut rx = self.0.clone();
+        let exit = match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.as_deref().cloned(),
+            Err(_) => None,
+        };
+        exit.unwrap_or_else(lost_supervisor)
+    }
+}
+
+/// The exit reported when the supervisor task vanished (its runtime was shut
+/// down): `kill_on_drop` has killed the processes by then.
+fn lost_supervisor() -> VmExit {
+    VmExit {
+        vm_id: String::new(),
+        role: ProcessRole::Vmm,
+        program: "?".into(),
+        pid: 0,
+        status: ProcessStatus::Unknown("the runtime stopped supervising the VM".into()),
+        requested: true,
+        stderr_tail: Vec::new(),
+        console_tail: Vec::new(),
+    }
+}
+
+/// Files of one VM in its state directory, removed when it ends.
+#[derive(Debug)]
+pub(crate) struct StateFiles {
+    dir: PathBuf,
+    created_dir: bool,
+    files: Vec<PathBuf>,
+    console_log: PathBuf,
+    keep_console: bool,
+}
+
+impl StateFiles {
+    /// Creates `dir` when missing (mode 0700: it holds the VM's sockets).
+    pub(crate) fn prepare(dir: &Path, keep_console: bool) -> Result<Self, HypervisorError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let created_dir = !dir.exists();
+        if created_dir {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| HypervisorError::StateDir {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+        }
+        let mut me = Self {
+            dir: dir.to_path_buf(),
+            created_dir,
+            files: Vec::new(),
+            console_log: dir.join("console.log"),
+            keep_console,
+        };
+        let log = me.console_log.clone();
+        me.claim(&log)?;
+        Ok(me)
+    }
+
+    /// Takes `path` (in the state directory) for this VM: removes what a
+    /// previous run left there and removes it again when the VM ends.
+    pub(crate) fn claim(&mut self, path: &Path) -> Result<PathBuf, HypervisorError> {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(HypervisorError::StateDir {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        }
+        if path != self.console_log || !self.keep_console {
+            self.files.push(path.to_path_buf());
+        }
+        Ok(path.to_path_buf())
+    }
+
+    pub(crate) fn console_log(&self) -> &Path {
+        &self.console_log
+    }
+
+    fn remove(&self) {
+        for f in &self.files {
+            if let Err(e) = std::fs::remove_file(f) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %f.display(), error = %e, "cannot remove a VM file");
+                }
+            }
+        }
+        if self.created_dir {
+            // Only when empty: the shim may keep its own files there.
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
+}
+
+struct TreeChild {
+    role: ProcessRole,
+    program: String,
+    pid: u32,
+    signal: watch::Sender<Option<Signal>>,
+    exited: bool,
+}
+
+pub(crate) struct ChildExit {
+    index: usize,
+    status: ProcessStatus,
+    stderr_tail: Vec<String>,
+}
+
+/// The processes of a VM being started; becomes a [`RunningVm`].
+pub(crate) struct ProcessTree {
+    vm_id: String,
+    children: Vec<TreeChild>,
+    exits_tx: mpsc::UnboundedSender<ChildExit>,
+    exits_rx: mpsc::UnboundedReceiver<ChildExit>,
+    state: StateFiles,
+}
+
+impl ProcessTree {
+    pub(crate) fn new(vm_id: &str, state: StateFiles) -> Self {
+        let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+        Self {
+            vm_id: vm_id.to_string(),
+            children: Vec::new(),
+            exits_tx,
+            exits_rx,
+            state,
+        }
+    }
+
+    /// Starts `cmd` as a supervised process of the VM.
+    ///
+    /// `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, so call
+    /// this from a long-lived thread (a tokio worker or the main thread, not
+    /// a `spawn_blocking` pool thread).
+    pub(crate) fn spawn(
+        &mut self,
+        role: ProcessRole,
+        program: &str,
+        mut cmd: Command,
+    ) -> Result<u32, HypervisorError> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        // SAFETY: the closure runs in the forked child before exec; it only
+        // calls prctl(2), which is async-signal-safe, and allocates nothing.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)
+            });
+        }
+        let spawn_err = |source| HypervisorError::Spawn {
+            program: program.to_string(),
+            source,
+        };
+        let mut child = cmd.spawn().map_err(spawn_err)?;
+        let pid = child
+            .id()
+            .ok_or_else(|| spawn_err(io::Error::other("it exited before its pid was read")))?;
+        let (signal, signal_rx) = watch::channel(None);
+        let index = self.children.len();
+        let stderr = child.stderr.take();
+        let exits = self.exits_tx.clone();
+        let name = program.to_string();
+        tokio::spawn(async move {
+            let stderr_task = stderr.map(|s| tokio::spawn(read_stderr(s, name)));
+            let status = reap(child, pid, signal_rx).await;
+            let stderr_tail = match stderr_task {
+                Some(t) => timeout(Duration::from_millis(200), t)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default(),
+                None => Vec::new(),
+            };
+            let _ = exits.send(ChildExit {
+                index,
+                status,
+                stderr_tail,
+            });
+        });
+        tracing::debug!(vm = %self.vm_id, program, pid, "started");
+        self.children.push(TreeChild {
+            role,
+            program: program.to_string(),
+            pid,
+            signal,
+            exited: false,
+        });
+        Ok(pid)
+    }
+
+    /// Waits until `socket` exists (a vhost-user backend listens on it).
+    /// Fails when any process of the VM ends first, or after `limit`.
+    pub(crate) async fn wait_for_socket(
+        &mut self,
+        program: &str,
+        socket: &Path,
+        limit: Duration,
+    ) -> Result<(), WaitError> {
+        let deadline = Instant::now() + limit;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if socket.exists() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(WaitError::Timeout(HypervisorError::SocketTimeout {
+                    program: program.to_string(),
+                    socket: socket.to_path_buf(),
+                    waited: limit,
+                }));
+            }
+            tokio::select! {
+                Some(exit) = self.exits_rx.recv() => return Err(WaitError::Ended(exit)),
+                _ = sleep(pause) => {}
+            }
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// Gives up on a VM that failed to start: kills and reaps everything,
+    /// removes its files, and returns the error to report.
+    pub(crate) async fn abort(self, why: WaitError) -> HypervisorError {
+        match why {
+            WaitError::Ended(first) => {
+                let exit = self.finish(first, false).await;
+                HypervisorError::EndedWhileStarting(Box::new(exit))
+            }
+            WaitError::Timeout(e) => {
+                self.kill_and_clean().await;
+                e
+            }
+        }
+    }
+
+    /// Kills and reaps everything and removes the VM's files.
+    pub(crate) async fn kill_and_clean(mut self) {
+        self.signal(None, Signal::SIGKILL);
+        while self.children.iter().any(|c| !c.exited) {
+            match timeout(REAP_TIMEOUT, self.exits_rx.recv()).await {
+                Ok(Some(e)) => self.children[e.index].exited = true,
+                _ => break,
+            }
+        }
+        self.state.remove();
+    }
+
+    /// Hands the started tree to a supervisor task.
+    pub(crate) fn into_running(self, agent_socket: PathBuf) -> RunningVm {
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (end_tx, end_rx) = watch::channel(None);
+        let vm = RunningVm {
+            id: self.vm_id.clone(),
+            agent_socket,
+            console_log: self.state.console_log().to_path_buf(),
+            processes: self.children.iter().map(|c| (c.role, c.pid)).collect(),
+            control: control_tx,
+            end: VmEndWatch(end_rx),
+        };
+        tokio::spawn(supervise(self, control_rx, end_tx));
+        vm
+    }
+
+    fn signal(&self, role: Option<ProcessRole>, sig: Signal) {
+        for c in &self.children {
+            if !c.exited && role.is_none_or(|r| r == c.role) {
+                let _ = c.signal.send_replace(Some(sig));
+            }
+        }
+    }
+
+    /// Ends the VM after its first process ended: kills the rest, reaps
+    /// them (bounded), removes the files, and describes what happened.
+    async fn finish(mut self, first: ChildExit, requested: bool) -> VmExit {
+        self.children[first.index].exited = true;
+        self.signal(None, Signal::SIGKILL);
+        let deadline = Instant::now() + REAP_TIMEOUT;
+        while self.children.iter().any(|c| !c.exited) {
+            match tokio::time::timeout_at(deadline, self.exits_rx.recv()).await {
+                Ok(Some(e)) => self.children[e.index].exited = true,
+                _ => {
+                    tracing::warn!(vm = %self.vm_id, "VM processes not reaped after SIGKILL");
+                    break;
+                }
+            }
+        }
+        let console_tail = last_lines(self.state.console_log(), CONSOLE_TAIL_LINES);
+        self.state.remove();
+        let c = &self.children[first.index];
+        let exit = VmExit {
+            vm_id: self.vm_id.clone(),
+            role: c.role,
+            program: c.program.clone(),
+            pid: c.pid,
+            status: first.status,
+            requested,
+            stderr_tail: first.stderr_tail,
+            console_tail,
+        };
+        tracing::info!(vm = %self.vm_id, program = %exit.program, pid = exit.pid,
+            status = %exit.status, requested, "VM ended");
+        exit
+    }
+}
+
+/// Why waiting during start-up failed.
+pub(crate) enum WaitError {
+    /// A process of the VM ended.
+    Ended(ChildExit),
+    /// Something took too long.
+    Timeout(HypervisorError),
+}
+
+/// Waits for `child`, delivering signals sent on `signal` to its whole
+/// process group while it runs. The child is only reaped here, so its pid
+/// (and group id) cannot be reused while a signal may still be sent to it.
+async fn reap(
+    mut child: Child,
+    pid: u32,
+    mut signal: watch::Receiver<Option<Signal>>,
+) -> ProcessStatus {
+    let pgid = Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
+    let status = loop {
+        tokio::select! {
+            r = child.wait() => break ProcessStatus::from(r),
+            changed = signal.changed() => match changed {
+                Ok(()) => {
+                    if let Some(sig) = *signal.borrow_and_update() {
+                        let _ = killpg(pgid, sig);
+                    }
+                }
+                // The tree is gone without a word: never leave the process.
+                Err(_) => {
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                    break ProcessStatus::from(child.wait().await);
+                }
+            },
+        }
+    };
+    // Anything the process forked into its group (virtiofsd's sandbox
+    // child) goes with it. The group id cannot name another group while any
+    // member lives.
+    let _ = killpg(pgid, Signal::SIGKILL);
+    status
+}
+
+/// Reads a process's stderr to its end, logging each line and keeping the
+/// last few. Lines are bounded and sanitised.
+async fn read_stderr(mut stderr: ChildStderr, program: String) -> Vec<String> {
+    let mut tail = VecDeque::with_capacity(STDERR_TAIL_LINES);
+    let mut line = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut push = |line: &mut Vec<u8>| {
+        let text = sanitize_line(&String::from_utf8_lossy(line));
+        line.clear();
+        if text.trim().is_empty() {
+            return;
+        }
+        tracing::debug!(program = %program, "{text}");
+        if tail.len() == STDERR_TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(text);
+    };
+    loop {
+        let n = match stderr.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        for &b in &buf[..n] {
+            if b == b'\n' {
+                push(&mut line);
+            } else if line.len() < MAX_STDERR_LINE {
+                line.push(b);
+            }
+        }
+    }
+    if !line.is_empty() {
+        push(&mut line);
+    }
+    tail.into()
+}
+
+enum Control {
+    /// Marks the end as requested, then signals processes (`None`: all).
+    Signal(Option<ProcessRole>, Signal),
+}
+
+async fn supervise(
+    mut tree: ProcessTree,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    end: watch::Sender<Option<Arc<VmExit>>>,
+) {
+    let mut requested = false;
+    let mut control_open = true;
+    let first = loop {
+        tokio::select! {
+            Some(exit) = tree.exits_rx.recv() => break exit,
+            c = control.recv(), if control_open => match c {
+                Some(Control::Signal(role, sig)) => {
+                    requested = true;
+                    tree.signal(role, sig);
+                }
+                // The RunningVm was dropped: nobody can use the VM any more.
+                None => {
+                    control_open = false;
+                    requested = true;
+                    tree.signal(None, Signal::SIGKILL);
+                }
+            },
+        }
+    };
+    let exit = tree.finish(first, requested).await;
+    end.send_replace(Some(Arc::new(exit)));
+}
+
+/// A started VM: its processes run under a supervisor task. Dropping it
+/// kills the VM.
+#[derive(Debug)]
+pub struct RunningVm {
+    id: String,
+    agent_socket: PathBuf,
+    console_log: PathBuf,
+    processes: Vec<(ProcessRole, u32)>,
+    control: mpsc::UnboundedSender<Control>,
+    end: VmEndWatch,
+}
+
+impl fmt::Debug for Control {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Signal(r, s) => write!(f, "Signal({r:?}, {s})"),
+        }
+    }
+}
+
+impl RunningVm {
+    /// The VM's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The hybrid-vsock Unix socket: connect, send `CONNECT <port>\n`.
+    pub fn agent_socket(&self) -> &Path {
+        &self.agent_socket
+    }
+
+    /// The guest console log (removed when the VM ends, unless
+    /// `debug_console`).
+    pub fn console_log(&self) -> &Path {
+        &self.console_log
+    }
+
+    /// The last `n` lines of the guest console, sanitised.
+    pub fn last_console_lines(&self, n: usize) -> Vec<String> {
+        last_lines(&self.console_log, n)
+    }
+
+    /// Host pid of each process of the VM (each leads its process group).
+    pub fn processes(&self) -> &[(ProcessRole, u32)] {
+        &self.processes
+    }
+
+    /// Host memory of the VM's whole process tree.
+    pub fn host_memory(&self) -> io::Result<HostMemory> {
+        let pgids: Vec<u32> = self.processes.iter().map(|(_, p)| *p).collect();
+        host_memory(&pgids)
+    }
+
+    /// A handle that resolves when the VM has ended.
+    pub fn end_watch(&self) -> VmEndWatch {
+        self.end.clone()
+    }
+
+    /// Waits until the VM has ended (and is cleaned up).
+    pub async fn ended(&self) -> VmExit {
+        self.end.wait().await
+    }
+
+    /// The exit, if the VM has ended.
+    pub fn try_ended(&self) -> Option<VmExit> {
+        self.end.get()
+    }
+
+    /// Stops the VM: waits up to `grace` for it to end by itself (the caller
+    /// has asked the guest to power off, e.g. with DestroySandbox), then
+    /// sends the VMM SIGTERM, and two seconds later kills every process.
+    /// Returns once every process is reaped and the files are removed.
+    pub async fn shutdown(&self, grace: Duration) -> VmExit {
+        if let Some(e) = self.end.get() {
+            return e;
+        }
+        if let Ok(e) = timeout(grace, self.end.wait()).await {
+            return e;
+        }
+        let _ = self
+            .control
+            .send(Control::Signal(Some(ProcessRole::Vmm), Signal::SIGTERM));
+        if let Ok(e) = timeout(TERM_GRACE, self.end.wait()).await {
+            return e;
+        }
+        self.kill().await
+    }
+
+    /// Kills every process of the VM at once; returns once they are reaped
+    /// and the files are removed.
+    pub async fn kill(&self) -> VmExit {
+        let _ = self.control.send(Control::Signal(None, Signal::SIGKILL));
+        self.end.wait().await
+    }
+}

@@ -1,0 +1,91 @@
+//! A pod's VM together with its connected agent: the unit the shim holds.
+
+use std::time::Duration;
+
+use nutshell_protocol::agent::Storage;
+
+use crate::agent::{AgentAddress, AgentClient, AgentError, DialOptions};
+use crate::hypervisor::{Hypervisor, HypervisorError, RunningVm, VmConfig, VmExit, SHARED_DIR_TAG};
+
+/// Where the agent mounts the pod's shared directory in the guest.
+pub const GUEST_SHARED_DIR: &str = "/run/nutshell/shared";
+
+/// How long the agent gets to answer DestroySandbox during a shutdown.
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `Storage` entry for CreateSandbox that mounts the pod's shared
+/// directory (virtio-fs tag [`SHARED_DIR_TAG`]) at [`GUEST_SHARED_DIR`].
+pub fn shared_dir_storage() -> Storage {
+    Storage {
+        source: SHARED_DIR_TAG.into(),
+        fstype: "virtiofs".into(),
+        options: Vec::new(),
+        mount_point: GUEST_SHARED_DIR.into(),
+        ..Default::default()
+    }
+}
+
+/// Errors starting a sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The VM did not start.
+    #[error("cannot start the VM")]
+    Launch(#[from] HypervisorError),
+    /// The VM started but its agent did not answer (the VM has been killed).
+    #[error("the VM's agent is not reachable")]
+    Agent(#[from] AgentError),
+}
+
+/// A running VM and its healthy agent.
+#[derive(Debug)]
+pub struct Sandbox {
+    vm: RunningVm,
+    agent: AgentClient,
+}
+
+impl Sandbox {
+    /// Launches a VM with `hypervisor` and dials its agent. When the agent
+    /// does not answer, the VM is killed and cleaned up before the error
+    /// returns; the error quotes the console when the VM died.
+    pub async fn start(
+        hypervisor: &dyn Hypervisor,
+        config: &VmConfig,
+        dial: &DialOptions,
+    ) -> Result<Self, SandboxError> {
+        let vm = hypervisor.launch(config).await?;
+        let address = AgentAddress::hybrid_vsock(vm.agent_socket());
+        match AgentClient::connect(&address, dial, Some(vm.end_watch())).await {
+            Ok(agent) => Ok(Self { vm, agent }),
+            Err(e) => {
+                let exit = vm.kill().await;
+                tracing::warn!(vm = %config.id, %exit, "agent unreachable, VM killed");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &RunningVm {
+        &self.vm
+    }
+
+    /// The agent.
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// Asks the agent to destroy the sandbox (the guest powers off), then
+    /// gives the VM `grace` to end before it is killed. Returns once every
+    /// process is reaped and the VM's files are removed.
+    pub async fn shutdown(&self, grace: Duration) -> VmExit {
+        if self.vm.try_ended().is_none() {
+            match tokio::time::timeout(DESTROY_TIMEOUT, self.agent.destroy_sandbox()).await {
+                Ok(Ok(())) => {}
+                // The guest may power off before the reply makes it out.
+                Ok(Err(e)) => tracing::debug!(vm = %self.vm.id(), error = %e, "DestroySandbox"),
+                Err(_) => tracing::warn!(vm = %self.vm.id(), "DestroySandbox timed out"),
+            }
+        }
+        self.vm.shutdown(grace).await
+    }
+}
