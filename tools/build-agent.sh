@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Builds the static nutshell-agent (the guest's /init) and prints its path as
+# the last line of stdout.
+#
+# The explicit --target keeps RUSTFLAGS (+crt-static) away from proc-macros
+# and build scripts, which must stay dynamic host binaries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target=x86_64-unknown-linux-gnu
+RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --target "$target" -p nutshell-agent >&2
+bin="$PWD/target/$target/release/nutshell-agent"
+# ldd fails on a static executable ("not a dynamic executable").
+if ldd "$bin" >/dev/null 2>&1; then
+    echo "build-agent.sh: $bin is not statically linked" >&2
+    exit 1
+fi
+echo "$bin"
