@@ -1,0 +1,94 @@
+//! What a VM is made of, as the binary's command line or a library caller
+//! describes it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::arch::regs::EntryMode;
+use crate::boot::linux::LinuxBoot;
+
+/// Where the serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialOutput {
+    /// The VMM's stdout.
+    Stdout,
+    /// A file (created or truncated).
+    File(PathBuf),
+    /// Nowhere (the tail is still kept for error reports).
+    Discard,
+}
+
+/// What the boot vCPU runs.
+#[derive(Debug, Clone)]
+pub enum BootSource {
+    /// A Linux kernel.
+    Linux(LinuxBoot),
+    /// Raw machine code (probes and tests).
+    Payload {
+        /// The code.
+        code: Vec<u8>,
+        /// Guest-physical load address (also the entry point).
+        load_addr: u64,
+        /// CPU mode at entry.
+        mode: EntryMode,
+    },
+}
+
+/// A virtio device to attach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VirtioDeviceConfig {
+    /// An entropy source (virtio-rng) fed from the host's getrandom.
+    Rng,
+    /// A raw disk image (virtio-blk).
+    Block {
+        /// The image file.
+        path: PathBuf,
+        /// Refuse guest writes.
+        read_only: bool,
+    },
+    /// Hybrid vsock (Firecracker's protocol over a host Unix socket).
+    Vsock {
+        /// The guest's context id (3 or more).
+        guest_cid: u32,
+        /// Host socket path; guest-initiated connections go to `<uds>_<port>`.
+        uds_path: PathBuf,
+    },
+}
+
+/// A whole VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// vCPU count (1..=32).
+    pub vcpus: u8,
+    /// What to run.
+    pub boot: BootSource,
+    /// The serial console's destination.
+    pub serial: SerialOutput,
+    /// Create the in-kernel PIC/IOAPIC/PIT (Linux needs it; payloads that
+    /// stop with `hlt` must not have it, or `hlt` never reaches us).
+    pub irqchip: bool,
+    /// virtio-mmio devices, in the order they get windows and IRQs.
+    pub devices: Vec<VirtioDeviceConfig>,
+    /// End the VM after this long (reported as [`crate::ExitReason::Timeout`]).
+    pub timeout: Option<Duration>,
+    /// Control API socket path.
+    pub api_socket: Option<PathBuf>,
+}
+
+impl VmConfig {
+    /// A config with defaults for everything but the boot source.
+    pub fn new(boot: BootSource) -> Self {
+        VmConfig {
+            memory_mib: 128,
+            vcpus: 1,
+            boot,
+            serial: SerialOutput::Stdout,
+            irqchip: true,
+            devices: Vec::new(),
+            timeout: None,
+            api_socket: None,
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! `nutshell-vmm`: boots one microVM and exits with a status that says why
+//! it ended (see the crate README for the table).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use nutshell_vmm::boot::linux::LinuxBoot;
+use nutshell_vmm::exit::EXIT_SETUP_ERROR;
+use nutshell_vmm::probe::{probe_kvm, ProbeVerdict};
+use nutshell_vmm::{BootSource, SerialOutput, VirtioDeviceConfig, VmConfig, Vmm};
+
+/// Boot a Linux microVM on KVM.
+#[derive(Parser, Debug)]
+#[command(name = "nutshell-vmm", version)]
+struct Args {
+    /// Uncompressed ELF kernel (vmlinux).
+    #[arg(long, required_unless_present = "probe")]
+    kernel: Option<PathBuf>,
+    /// initramfs (cpio, optionally compressed).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (virtio-mmio devices are appended to it).
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1")]
+    cmdline: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory_mib: u64,
+    /// vCPU count.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Serial console: `stdout`, `none` or a file path.
+    #[arg(long, default_value = "stdout")]
+    serial: String,
+    /// Use the Linux 64-bit boot protocol even if the kernel supports PVH.
+    #[arg(long)]
+    no_pvh: bool,
+    /// A raw disk image as virtio-blk; append `,ro` for read-only.
+    #[arg(long)]
+    block: Vec<String>,
+    /// Hybrid vsock: `<guest-cid>,<uds-path>`.
+    #[arg(long)]
+    vsock: Option<String>,
+    /// Attach a virtio-rng device.
+    #[arg(long)]
+    rng: bool,
+    /// Control API socket (state, pause, resume, shutdown).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// End the VM after this many milliseconds (exit status 7).
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Only run the KVM capability probe and print its verdict (exit 0: can
+    /// run Linux, 10: cannot, 1: probe failed).
+    #[arg(long)]
+    probe: bool,
+}
+
+fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
+    let Some(kernel) = args.kernel.clone() else {
+        bail!("--kernel is required");
+    };
+    let mut devices = Vec::new();
+    for b in &args.block {
+        let (path, read_only) = match b.strip_suffix(",ro") {
+            Some(p) => (p, true),
+            None => (b.as_str(), false),
+        };
+        devices.push(VirtioDeviceConfig::Block {
+            path: path.into(),
+            read_only,
+        });
+    }
+    if let Some(v) = &args.vsock {
+        let (cid, uds) = v
+            .split_once(',')
+            .context("--vsock wants <guest-cid>,<uds-path>")?;
+        devices.push(VirtioDeviceConfig::Vsock {
+            guest_cid: cid.parse().context("--vsock guest cid")?,
+            uds_path: uds.into(),
+        });
+    }
+    if args.rng {
+        devices.push(VirtioDeviceConfig::Rng);
+    }
+    let mut config = VmConfig::new(BootSource::Linux(LinuxBoot {
+        vmlinux: kernel,
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+        force_64bit_protocol: args.no_pvh,
+    }));
+    config.memory_mib = args.memory_mib;
+    config.vcpus = args.vcpus;
+    config.serial = match args.serial.as_str() {
+        "stdout" => SerialOutput::Stdout,
+        "none" => SerialOutput::Discard,
+        path => SerialOutput::File(path.into()),
+    };
+    config.devices = devices;
+    config.timeout = args.timeout_ms.map(Duration::from_millis);
+    config.api_socket = args.api_socket.clone();
+    Ok(config)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NUTSHELL_VMM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+
+    if args.probe {
+        return match probe_kvm(Duration::from_secs(5)) {
+            Ok(ProbeVerdict::CanRunLinux) => {
+                println!("KVM can run a Linux guest: the CPL0 int3 handler was reached");
+                ExitCode::SUCCESS
+            }
+            Ok(ProbeVerdict::CannotRunLinux { detail }) => {
+                println!("KVM cannot run a Linux guest: {detail}");
+                ExitCode::from(10)
+            }
+            Err(e) => {
+                eprintln!("nutshell-vmm: {:#}", anyhow::Error::from(e));
+                ExitCode::from(EXIT_SETUP_ERROR as u8)
+            }
+        };
+    }
+
+    let vmm = config_from(&args).and_then(|c| Vmm::build(&c).map_err(anyhow::Error::from));
+    let vmm = match vmm {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("nutshell-vmm: {e:#}");
+            return ExitCode::from(EXIT_SETUP_ERROR as u8);
+        }
+    };
+    let reason = vmm.run();
+    if reason.is_guest_stop() {
+        eprintln!("nutshell-vmm: {reason}");
+    } else {
+        eprintln!("nutshell-vmm: the VM ended: {reason}");
+    }
+    ExitCode::from(reason.exit_code() as u8)
+}

@@ -1,0 +1,355 @@
+//! Putting a VM together from a [`VmConfig`] and running it: memory, the
+//! irqchip, the buses and their devices, the boot vCPU's entry state, the
+//! vCPU threads and the epoll event loop that owns every host-side fd.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::layout::{SERIAL_IRQ, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::arch::{cpuid, regs};
+use crate::boot::{self, linux, BootEntry};
+use crate::config::{BootSource, SerialOutput, VmConfig};
+use crate::devices::bus::{Bus, BusError, SharedDevice};
+use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::serial::{ConsoleWriter, SerialDevice, SharedTail, COM1_BASE, COM1_LEN};
+use crate::exit::{ExitReason, ExitSignal};
+use crate::vstate::memory::{create_guest_memory, MemoryError};
+use crate::vstate::vcpu::{PauseGate, Vcpu, VcpuError, VcpuHandle, VcpuShared};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Failure to build or start a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The config is not usable.
+    #[error("Invalid VM configuration: {0}")]
+    Config(String),
+    /// Creating the VM failed.
+    #[error("Failed to create the VM.")]
+    Vm(#[from] VmError),
+    /// Creating guest memory failed.
+    #[error("Failed to create guest memory.")]
+    Memory(#[from] MemoryError),
+    /// Setting up a vCPU failed.
+    #[error("Failed to set up a vCPU.")]
+    Vcpu(#[from] VcpuError),
+    /// Reading the supported CPUID failed.
+    #[error("Failed to read the supported CPUID.")]
+    Cpuid(#[from] cpuid::CpuidError),
+    /// Setting the boot vCPU's registers failed.
+    #[error("Failed to set up the boot vCPU's registers.")]
+    Regs(#[from] regs::RegsError),
+    /// Loading Linux failed.
+    #[error("Failed to load the guest kernel.")]
+    Linux(#[from] linux::LinuxBootError),
+    /// Placing a payload failed.
+    #[error("Failed to load the payload.")]
+    Payload(#[from] boot::PayloadError),
+    /// A device did not fit on its bus.
+    #[error("Failed to place a device on a bus.")]
+    Bus(#[from] BusError),
+    /// A host resource (eventfd, file, epoll) could not be created.
+    #[error("Failed to {0}.")]
+    Host(&'static str, #[source] std::io::Error),
+    /// Registering an irqfd or ioeventfd with KVM failed.
+    #[error("Failed to {0}.")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// The event loop failed.
+    #[error("The event loop failed: {0:?}")]
+    EventLoop(event_manager::Error),
+}
+
+/// A handle to a running VM's controls, usable from other threads.
+#[derive(Clone)]
+pub struct VmmControl {
+    exit: Arc<ExitSignal>,
+    pause: Arc<PauseGate>,
+    console: SharedTail,
+    kick: Arc<EventFd>,
+}
+
+/// The run state, as the API reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    /// vCPUs run.
+    Running,
+    /// vCPUs are parked.
+    Paused,
+    /// The VM is ending.
+    Stopping,
+}
+
+impl VmmControl {
+    /// The current state.
+    pub fn state(&self) -> VmState {
+        if self.exit.is_stopping() {
+            VmState::Stopping
+        } else if self.pause.is_paused() {
+            VmState::Paused
+        } else {
+            VmState::Running
+        }
+    }
+
+    /// Parks the vCPUs.
+    pub fn pause(&self) {
+        self.pause.pause();
+        // The event loop kicks the vCPUs out of KVM_RUN.
+        let _ = self.kick.write(1);
+    }
+
+    /// Unparks the vCPUs.
+    pub fn resume(&self) {
+        self.pause.resume();
+    }
+
+    /// Ends the VM with [`ExitReason::HostShutdown`].
+    pub fn shutdown(&self) {
+        self.exit.request(ExitReason::HostShutdown);
+    }
+
+    /// The console's last lines.
+    pub fn console_lines(&self) -> Vec<String> {
+        self.console.lock().map(|t| t.lines()).unwrap_or_default()
+    }
+}
+
+/// Extra devices a library caller puts on the MMIO bus (tests, experiments).
+pub type ExtraMmioDevice = (u64, u64, SharedDevice);
+
+/// A built, not yet running VM.
+pub struct Vmm {
+    // Field order matters on drop: vCPUs before the VM, the VM before memory.
+    vcpus: Vec<Vcpu>,
+    vm: Vm,
+    _mem: GuestMemoryMmap,
+    exit: Arc<ExitSignal>,
+    pause: Arc<PauseGate>,
+    console: SharedTail,
+    kick: Arc<EventFd>,
+    timeout: Option<Duration>,
+    events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+}
+
+/// Drains the exit and pause-kick eventfds; the loop looks at the state.
+struct ControlSubscriber {
+    exit: Arc<ExitSignal>,
+    kick: Arc<EventFd>,
+    kicked: bool,
+}
+
+impl MutEventSubscriber for ControlSubscriber {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.kick.as_raw_fd() {
+            let _ = self.kick.read();
+            self.kicked = true;
+        } else {
+            let _ = self.exit.eventfd().read();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        // Registration only fails on a broken epoll fd; run() then times out.
+        let _ = ops.add(Events::new(self.exit.eventfd(), EventSet::IN));
+        let _ = ops.add(Events::new(self.kick.as_ref(), EventSet::IN));
+    }
+}
+
+fn serial_sink(out: &SerialOutput) -> Result<Option<Box<dyn Write + Send>>, VmmError> {
+    Ok(match out {
+        SerialOutput::Stdout => Some(Box::new(std::io::stdout())),
+        SerialOutput::File(p) => {
+            Some(Box::new(File::create(p).map_err(|e| {
+                VmmError::Host("create the serial output file", e)
+            })?))
+        }
+        SerialOutput::Discard => None,
+    })
+}
+
+impl Vmm {
+    /// Builds a VM from `config`.
+    pub fn build(config: &VmConfig) -> Result<Self, VmmError> {
+        Self::build_with(config, Vec::new())
+    }
+
+    /// Builds a VM from `config`, with `extra` devices on the MMIO bus.
+    pub fn build_with(config: &VmConfig, extra: Vec<ExtraMmioDevice>) -> Result<Self, VmmError> {
+        if config.vcpus == 0 || config.vcpus > 32 {
+            return Err(VmmError::Config(format!(
+                "{} vCPUs (1 to 32 are supported)",
+                config.vcpus
+            )));
+        }
+        if config.memory_mib == 0 || config.memory_mib > 64 * 1024 {
+            return Err(VmmError::Config(format!(
+                "{} MiB of memory (1 MiB to 64 GiB are supported)",
+                config.memory_mib
+            )));
+        }
+        if !config.devices.is_empty() {
+            return Err(VmmError::Config(
+                "virtio devices are not supported yet".into(),
+            ));
+        }
+        let mem_size = config.memory_mib << 20;
+        let vm = Vm::new()?;
+        let mem = create_guest_memory(mem_size)?;
+        vm.register_memory(&mem)?;
+        if config.irqchip {
+            vm.setup_irqchip()?;
+        }
+
+        let exit = Arc::new(ExitSignal::new().map_err(|e| VmmError::Host("create an eventfd", e))?);
+        let console = SharedTail::default();
+        let pause = Arc::new(PauseGate::default());
+        let kick = Arc::new(
+            EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("create an eventfd", e))?,
+        );
+
+        let mut io_bus = Bus::new();
+        let serial_irq =
+            EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("create an eventfd", e))?;
+        if config.irqchip {
+            vm.fd()
+                .register_irqfd(&serial_irq, SERIAL_IRQ)
+                .map_err(|e| VmmError::Kvm("register the serial irqfd", e))?;
+        }
+        let serial = SerialDevice::new(
+            serial_irq,
+            ConsoleWriter::new(serial_sink(&config.serial)?, console.clone()),
+        );
+        io_bus.insert(Arc::new(Mutex::new(serial)), COM1_BASE, COM1_LEN)?;
+        io_bus.insert(
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+            I8042_BASE,
+            I8042_LEN,
+        )?;
+
+        let mut mmio_bus = Bus::new();
+        for (base, len, dev) in extra {
+            mmio_bus.insert(dev, base, len)?;
+        }
+        let _ = (VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VIRTIO_IRQ_BASE);
+
+        let shared = VcpuShared {
+            io_bus: Arc::new(io_bus),
+            mmio_bus: Arc::new(mmio_bus),
+            exit: exit.clone(),
+            console: console.clone(),
+            pause: pause.clone(),
+        };
+        let base_cpuid = cpuid::supported(vm.kvm())?;
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for id in 0..config.vcpus {
+            let vcpu = Vcpu::new(vm.fd(), id, shared.clone())?;
+            vcpu.configure(&base_cpuid, config.vcpus, config.irqchip)?;
+            vcpus.push(vcpu);
+        }
+
+        let entry: BootEntry = match &config.boot {
+            BootSource::Linux(l) => linux::load(&mem, mem_size, l)?,
+            BootSource::Payload {
+                code,
+                load_addr,
+                mode,
+            } => boot::load_payload(&mem, code, *load_addr, *mode, 0x8000)?,
+        };
+        // Only the boot vCPU gets an entry state; APs wait for INIT/SIPI in the irqchip.
+        let bsp = vcpus[0].fd();
+        regs::setup_sregs(&mem, bsp, entry.mode, entry.idt_limit)?;
+        regs::setup_regs(bsp, entry.mode, entry.rip, entry.rsp, entry.boot_arg)?;
+
+        let mut events = EventManager::new().map_err(VmmError::EventLoop)?;
+        let control: Arc<Mutex<dyn MutEventSubscriber + Send>> =
+            Arc::new(Mutex::new(ControlSubscriber {
+                exit: exit.clone(),
+                kick: kick.clone(),
+                kicked: false,
+            }));
+        events.add_subscriber(control);
+
+        Ok(Vmm {
+            vcpus,
+            vm,
+            _mem: mem,
+            exit,
+            pause,
+            console,
+            kick,
+            timeout: config.timeout,
+            events,
+        })
+    }
+
+    /// Controls for other threads (the API server, tests).
+    pub fn control(&self) -> VmmControl {
+        VmmControl {
+            exit: self.exit.clone(),
+            pause: self.pause.clone(),
+            console: self.console.clone(),
+            kick: self.kick.clone(),
+        }
+    }
+
+    /// The VM (for registering more devices before [`Vmm::run`]).
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Adds an event subscriber to the loop before the VM runs.
+    pub fn add_subscriber(&mut self, sub: Arc<Mutex<dyn MutEventSubscriber + Send>>) {
+        self.events.add_subscriber(sub);
+    }
+
+    /// Starts the vCPUs and runs the event loop until the VM ends.
+    pub fn run(mut self) -> ExitReason {
+        let started = Instant::now();
+        let mut handles: Vec<VcpuHandle> = Vec::new();
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            match vcpu.start() {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    self.exit.request(ExitReason::HostError(format!("{e}")));
+                    break;
+                }
+            }
+        }
+        let mut was_paused = false;
+        while !self.exit.is_stopping() {
+            if let Some(t) = self.timeout {
+                if started.elapsed() >= t {
+                    self.exit.request(ExitReason::Timeout(t));
+                    break;
+                }
+            }
+            if let Err(e) = self.events.run_with_timeout(20) {
+                self.exit
+                    .request(ExitReason::HostError(format!("event loop failed: {e:?}")));
+            }
+            let paused = self.pause.is_paused();
+            if paused && !was_paused {
+                handles.iter().for_each(VcpuHandle::kick);
+            }
+            was_paused = paused;
+        }
+        for h in handles {
+            h.stop(Duration::from_secs(2));
+        }
+        self.exit
+            .reason()
+            .unwrap_or_else(|| ExitReason::HostError("the VM stopped without a reason".into()))
+    }
+}
+
+/// Builds and runs a VM: the whole life of `nutshell-vmm`.
+pub fn run_vm(config: &VmConfig) -> Result<ExitReason, VmmError> {
+    Ok(Vmm::build(config)?.run())
+}

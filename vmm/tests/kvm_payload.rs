@@ -1,0 +1,153 @@
+//! Runs tiny guest payloads on the real /dev/kvm: 64-bit code at CPL3 (which
+//! even an emulating nested KVM runs natively) writes to the serial port and
+//! to an MMIO register, then resets through the i8042. This proves memory
+//! slots, PIO and MMIO exits, the serial device, the irqchip and the event
+//! loop's exit path.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nutshell_vmm::arch::regs::EntryMode;
+use nutshell_vmm::devices::bus::BusDevice;
+use nutshell_vmm::{BootSource, ExitReason, SerialOutput, VmConfig, Vmm};
+
+/// Skip, or fail under NUTSHELL_REQUIRE_ALL=1 (same rule as
+/// `nutshell_tests::require`, copied to keep this crate free of test deps).
+fn require(ok: bool, reason: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var("NUTSHELL_REQUIRE_ALL").is_ok_and(|v| v == "1") {
+        panic!("prerequisite missing and NUTSHELL_REQUIRE_ALL=1: {reason}");
+    }
+    eprintln!("SKIP: {reason}");
+    false
+}
+
+fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+const MMIO_ADDR: u64 = 0xd000_0000;
+
+#[derive(Default)]
+struct MmioRecorder(Vec<(u64, Vec<u8>)>);
+impl BusDevice for MmioRecorder {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0.push((offset, data.to_vec()));
+    }
+}
+
+/// `out 0x3f8` each byte of `msg`, store 0x0f to MMIO_ADDR+0x70, reset.
+fn payload(msg: &[u8]) -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    for b in msg {
+        c.extend_from_slice(&[0xb0, *b, 0xee]); // mov al, b; out dx, al
+    }
+    let addr = (MMIO_ADDR + 0x70) as u32;
+    c.push(0xb8); // mov eax, imm32
+    c.extend_from_slice(&addr.to_le_bytes());
+    c.extend_from_slice(&[0xc7, 0x00, 0x0f, 0x00, 0x00, 0x00]); // mov dword [rax], 0xf
+    c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64]); // mov al, 0xfe; out 0x64, al
+    c.extend_from_slice(&[0xeb, 0xfe]); // jmp $
+    c
+}
+
+fn config(code: Vec<u8>, serial: &Path) -> VmConfig {
+    let mut c = VmConfig::new(BootSource::Payload {
+        code,
+        load_addr: 0x10_0000,
+        mode: EntryMode::Long64User,
+    });
+    c.memory_mib = 16;
+    c.serial = SerialOutput::File(serial.into());
+    c.timeout = Some(Duration::from_secs(20));
+    c
+}
+
+#[test]
+fn cpl3_payload_reaches_serial_mmio_and_reset() {
+    if !require(kvm_usable(), "/dev/kvm is missing or not usable") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let serial = dir.path().join("serial.log");
+    let rec = Arc::new(Mutex::new(MmioRecorder::default()));
+    let vmm = Vmm::build_with(
+        &config(payload(b"hello from CPL3\n"), &serial),
+        vec![(MMIO_ADDR, 0x1000, rec.clone())],
+    )
+    .unwrap();
+    let control = vmm.control();
+    let reason = vmm.run();
+    assert_eq!(reason, ExitReason::GuestReset, "{reason}");
+    assert_eq!(
+        std::fs::read_to_string(&serial).unwrap(),
+        "hello from CPL3\n"
+    );
+    assert_eq!(control.console_lines(), vec!["hello from CPL3".to_string()]);
+    assert_eq!(rec.lock().unwrap().0, vec![(0x70, vec![0x0f, 0, 0, 0])]);
+}
+
+#[test]
+fn a_spinning_guest_is_stopped_by_the_time_limit() {
+    if !require(kvm_usable(), "/dev/kvm is missing or not usable") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(vec![0xeb, 0xfe], &dir.path().join("s.log"));
+    c.timeout = Some(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let reason = Vmm::build(&c).unwrap().run();
+    assert_eq!(reason, ExitReason::Timeout(Duration::from_millis(300)));
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn shutdown_from_another_thread_ends_a_spinning_guest() {
+    if !require(kvm_usable(), "/dev/kvm is missing or not usable") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vmm = Vmm::build(&config(vec![0xeb, 0xfe], &dir.path().join("s.log"))).unwrap();
+    let control = vmm.control();
+    let t = std::thread::spawn(move || vmm.run());
+    std::thread::sleep(Duration::from_millis(100));
+    control.pause();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(control.state(), nutshell_vmm::vmm::VmState::Paused);
+    control.resume();
+    control.shutdown();
+    assert_eq!(t.join().unwrap(), ExitReason::HostShutdown);
+}
+
+/// The probe's verdict must match what the host's KVM module says it is: the
+/// pagetable-based nested `kvm_pvm` emulates CPL0 and cannot run Linux;
+/// hardware-assisted `kvm_intel`/`kvm_amd` (without pvm) can.
+#[test]
+fn probe_verdict_matches_the_kvm_module() {
+    if !require(kvm_usable(), "/dev/kvm is missing or not usable") {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let v = nutshell_vmm::probe::probe_kvm(Duration::from_secs(5)).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(6));
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    match v {
+        nutshell_vmm::probe::ProbeVerdict::CanRunLinux => assert!(!pvm, "kvm_pvm said it can"),
+        nutshell_vmm::probe::ProbeVerdict::CannotRunLinux { detail } => {
+            if !pvm {
+                eprintln!("note: a non-pvm KVM cannot run Linux: {detail}");
+            }
+            assert!(detail.contains("KVM_EXIT_INTERNAL_ERROR"), "{detail}");
+        }
+    }
+}
