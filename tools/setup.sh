@@ -45,6 +45,57 @@ else
   echo "all ${#APT_PACKAGES[@]} present"
 fi
 
-# Further steps (vhost-user backends, guest image, shim, containerd config,
-# the main job) are added by the pieces that need them.
+# The vhost-user backends QEMU needs (vsock and virtio-fs) come from
+# crates.io and take minutes to compile on two cores, so they build in the
+# background, niced, while the agent and the guest kernel build.
+CARGO_TOOLS=(
+  "vhost-device-vsock 0.3.0"
+  "virtiofsd 1.14.0"
+)
+CARGO_ROOT=/usr/local
+cargo_tool_present() { # name version
+  [[ -x $CARGO_ROOT/bin/$1 ]] && grep -qF "\"$1 $2 " "$CARGO_ROOT/.crates.toml" 2>/dev/null
+}
+cargo_tool_pids=()
+step "cargo tools: ${CARGO_TOOLS[*]}"
+mkdir -p "$NUTSHELL_CACHE/logs"
+for tool in "${CARGO_TOOLS[@]}"; do
+  read -r name version <<<"$tool"
+  if cargo_tool_present "$name" "$version"; then
+    echo "$name $version present"
+    continue
+  fi
+  echo "$name $version: cargo install in the background (log: $NUTSHELL_CACHE/logs/cargo-install-$name.log)"
+  CARGO_TARGET_DIR=$NUTSHELL_CACHE/cargo-install/$name nice -n 10 \
+    cargo install --locked --root "$CARGO_ROOT" --version "$version" "$name" \
+    >"$NUTSHELL_CACHE/logs/cargo-install-$name.log" 2>&1 &
+  cargo_tool_pids+=("$!:$name")
+done
+
+step "agent (static)"
+if [[ -x tools/build-agent.sh ]]; then
+  AGENT_BIN=$(tools/build-agent.sh | tail -1)
+else
+  RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --target x86_64-unknown-linux-gnu -p nutshell-agent
+  AGENT_BIN=$PWD/target/x86_64-unknown-linux-gnu/release/nutshell-agent
+fi
+echo "$AGENT_BIN"
+
+step "guest image (kernel cached under $NUTSHELL_CACHE/kernel)"
+guest-image/build.sh --install --agent "$AGENT_BIN"
+
+for entry in "${cargo_tool_pids[@]}"; do
+  name=${entry#*:}
+  step "cargo tools: waiting for $name"
+  if ! wait "${entry%%:*}"; then
+    tail -30 "$NUTSHELL_CACHE/logs/cargo-install-$name.log" >&2
+    echo "cargo install $name failed" >&2
+    exit 1
+  fi
+  echo "$CARGO_ROOT/bin/$name"
+done
+
+# Further steps (shim, containerd config, the main job) are added by the
+# pieces that need them.
 echo "setup ($MODE) done"
