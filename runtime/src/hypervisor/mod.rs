@@ -13,7 +13,7 @@
 mod console;
 mod memory;
 pub mod qemu;
-mod supervisor;
+pub(crate) mod supervisor;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -170,9 +170,18 @@ impl VmEndWatch {
     }
 }
 
+#[cfg(test)]
+impl VmEndWatch {
+    /// A watch ended by hand, for tests of code that races against a VM.
+    pub(crate) fn for_test() -> (impl FnOnce(VmExit), Self) {
+        let (tx, rx) = watch::channel(None);
+        (move |e| drop(tx.send_replace(Some(Arc::new(e)))), Self(rx))
+    }
+}
+
 /// The exit reported when the supervisor task vanished (its runtime was shut
 /// down): `kill_on_drop` has killed the processes by then.
-fn lost_supervisor() -> VmExit {
+pub(crate) fn lost_supervisor() -> VmExit {
     VmExit {
         vm_id: String::new(),
         role: ProcessRole::Vmm,
@@ -677,5 +686,184 @@ impl RunningVm {
     pub async fn kill(&self) -> VmExit {
         let _ = self.control.send(Control::Signal(None, Signal::SIGKILL));
         self.end.wait().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alive(pid: u32) -> bool {
+        // Zombies count as gone: only a reaped or running state matters here.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                !s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(false)
+    }
+
+    fn sh(script: &str) -> Command {
+        let mut c = Command::new("/bin/sh");
+        c.args(["-c", script]);
+        c
+    }
+
+    fn tree(dir: &Path) -> ProcessTree {
+        let state = StateFiles::prepare(&dir.join("state"), false).unwrap();
+        ProcessTree::new("t1", state)
+    }
+
+    #[tokio::test]
+    async fn a_dying_backend_ends_the_vm_and_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = tree(dir.path());
+        let sock = t.state.claim(&dir.path().join("state/x.sock")).unwrap();
+        std::fs::write(&sock, b"").unwrap();
+        std::fs::write(t.state.console_log(), "booting\nKernel panic - test\n").unwrap();
+        let vmm = t
+            .spawn(ProcessRole::Vmm, "fake-vmm", sh("exec sleep 30"))
+            .unwrap();
+        t.spawn(
+            ProcessRole::VsockBackend,
+            "fake-vsock",
+            sh("echo 'backend: lost the guest' >&2; sleep 0.2; exit 3"),
+        )
+        .unwrap();
+        let vm = t.into_running(sock.clone());
+        let exit = timeout(Duration::from_secs(10), vm.ended()).await.unwrap();
+        assert_eq!(exit.role, ProcessRole::VsockBackend);
+        assert_eq!(exit.status, ProcessStatus::Exited(3));
+        assert!(!exit.requested);
+        assert_eq!(exit.stderr_tail, ["backend: lost the guest"]);
+        assert_eq!(exit.console_tail.last().unwrap(), "Kernel panic - test");
+        let text = exit.to_string();
+        assert!(
+            text.contains("fake-vsock") && text.contains("exited with status 3"),
+            "{text}"
+        );
+        assert!(text.contains("Kernel panic - test"), "{text}");
+        assert!(!alive(vmm), "the VMM survived its backend");
+        assert!(!sock.exists() && !dir.path().join("state").exists());
+    }
+
+    #[tokio::test]
+    async fn an_outside_sigkill_is_reported_within_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = tree(dir.path());
+        let vmm = t
+            .spawn(ProcessRole::Vmm, "fake-vmm", sh("exec sleep 30"))
+            .unwrap();
+        let backend = t
+            .spawn(ProcessRole::FsBackend, "fake-fs", sh("exec sleep 30"))
+            .unwrap();
+        let vm = t.into_running(dir.path().join("none"));
+        assert_eq!(vm.host_memory().unwrap().processes, 2);
+        let pid = nix::unistd::Pid::from_raw(vmm as i32);
+        nix::sys::signal::kill(pid, Signal::SIGKILL).unwrap();
+        let exit = timeout(Duration::from_secs(1), vm.ended()).await.unwrap();
+        assert_eq!(exit.role, ProcessRole::Vmm);
+        assert_eq!(exit.status, ProcessStatus::Signaled(9));
+        assert!(exit.to_string().contains("SIGKILL"), "{exit}");
+        assert!(!alive(backend));
+    }
+
+    #[tokio::test]
+    async fn shutdown_terms_the_vmm_after_the_grace_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = tree(dir.path());
+        let vmm = t
+            .spawn(ProcessRole::Vmm, "fake-vmm", sh("exec sleep 30"))
+            .unwrap();
+        let vm = t.into_running(dir.path().join("none"));
+        let start = Instant::now();
+        let exit = vm.shutdown(Duration::from_millis(100)).await;
+        assert!(start.elapsed() < Duration::from_secs(2));
+        assert_eq!(exit.status, ProcessStatus::Signaled(15));
+        assert!(exit.requested);
+        assert!(!alive(vmm));
+        // Later calls return the same exit at once.
+        assert_eq!(vm.kill().await.pid, vmm);
+    }
+
+    #[tokio::test]
+    async fn shutdown_kills_a_vmm_that_ignores_sigterm() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = tree(dir.path());
+        let vmm = t
+            .spawn(
+                ProcessRole::Vmm,
+                "stubborn",
+                sh("trap '' TERM; while :; do sleep 0.05; done"),
+            )
+            .unwrap();
+        let vm = t.into_running(dir.path().join("none"));
+        let exit = vm.shutdown(Duration::from_millis(50)).await;
+        assert_eq!(exit.status, ProcessStatus::Signaled(9));
+        assert!(!alive(vmm));
+    }
+
+    #[tokio::test]
+    async fn dropping_the_handle_kills_the_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = tree(dir.path());
+        let vmm = t
+            .spawn(ProcessRole::Vmm, "fake-vmm", sh("exec sleep 30"))
+            .unwrap();
+        let vm = t.into_running(dir.path().join("none"));
+        let watch = vm.end_watch();
+        drop(vm);
+        let exit = timeout(Duration::from_secs(5), watch.wait()).await.unwrap();
+        assert!(exit.requested);
+        assert!(!alive(vmm));
+    }
+
+    #[tokio::test]
+    async fn a_backend_dying_before_its_socket_fails_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = tree(dir.path());
+        t.spawn(
+            ProcessRole::FsBackend,
+            "fake-fs",
+            sh("echo 'cannot open shared dir' >&2; exit 1"),
+        )
+        .unwrap();
+        let sock = dir.path().join("state/fs.sock");
+        let why = match t
+            .wait_for_socket("fake-fs", &sock, Duration::from_secs(5))
+            .await
+        {
+            Err(w) => w,
+            Ok(()) => panic!("socket appeared"),
+        };
+        let e = t.abort(why).await.to_string();
+        assert!(
+            e.contains("fake-fs") && e.contains("cannot open shared dir"),
+            "{e}"
+        );
+        assert!(!dir.path().join("state").exists());
+    }
+
+    #[tokio::test]
+    async fn a_missing_socket_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = tree(dir.path());
+        let pid = t
+            .spawn(ProcessRole::VsockBackend, "idle", sh("exec sleep 30"))
+            .unwrap();
+        let sock = dir.path().join("state/never.sock");
+        let why = match t
+            .wait_for_socket("idle", &sock, Duration::from_millis(100))
+            .await
+        {
+            Err(w) => w,
+            Ok(()) => panic!("socket appeared"),
+        };
+        let e = t.abort(why).await;
+        assert!(matches!(e, HypervisorError::SocketTimeout { .. }), "{e}");
+        assert!(!alive(pid));
     }
 }
