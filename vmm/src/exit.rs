@@ -59,6 +59,20 @@ impl ExitReason {
     }
 }
 
+/// The instruction bytes KVM reports with an emulation failure, if it did
+/// (`KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES` in `data[0]`, then
+/// the length byte and up to 15 bytes in `data[1..3]`).
+pub fn emulation_failure_bytes(suberror: u32, data: &[u64]) -> Option<Vec<u8>> {
+    if suberror != 1 || data.len() < 3 || data[0] & 1 == 0 {
+        return None;
+    }
+    let mut raw = Vec::with_capacity(16);
+    raw.extend_from_slice(&data[1].to_le_bytes());
+    raw.extend_from_slice(&data[2].to_le_bytes());
+    let len = usize::from(raw[0]).min(15);
+    Some(raw[1..=len].to_vec())
+}
+
 /// `kvm_run.internal.suberror` values (linux/kvm.h).
 pub fn internal_error_name(suberror: u32) -> &'static str {
     match suberror {
@@ -86,7 +100,10 @@ impl fmt::Display for ExitReason {
                     "KVM internal error (KVM_EXIT_INTERNAL_ERROR), suberror {suberror} ({})",
                     internal_error_name(*suberror)
                 )?;
-                if !data.is_empty() {
+                if let Some(bytes) = emulation_failure_bytes(*suberror, data) {
+                    let b: Vec<String> = bytes.iter().map(|v| format!("{v:02x}")).collect();
+                    write!(f, ", at instruction bytes [{}]", b.join(" "))?;
+                } else if !data.is_empty() {
                     let d: Vec<String> = data.iter().map(|v| format!("{v:#x}")).collect();
                     write!(f, ", data [{}]", d.join(", "))?;
                 }
@@ -197,6 +214,17 @@ mod tests {
     }
 
     #[test]
+    fn decodes_the_failing_instruction() {
+        // What this project's KVM reported for Linux's int3 self-test.
+        let data = [0x1, 0x7c83_9090_9090_cc0f, 0x480b_0f02_7401_0424, 0x1000];
+        let b = emulation_failure_bytes(1, &data).unwrap();
+        assert_eq!(b.len(), 15);
+        assert_eq!(&b[..3], &[0xcc, 0x90, 0x90]);
+        assert!(emulation_failure_bytes(1, &[0]).is_none());
+        assert!(emulation_failure_bytes(2, &data).is_none());
+    }
+
+    #[test]
     fn internal_error_names_the_exit_and_console() {
         let r = ExitReason::KvmInternalError {
             suberror: 1,
@@ -205,6 +233,7 @@ mod tests {
         };
         let s = r.to_string();
         assert!(s.contains("KVM_EXIT_INTERNAL_ERROR"), "{s}");
+        assert!(s.contains("data [0x10]"), "{s}");
         assert!(s.contains("suberror 1 (emulation failure)"), "{s}");
         assert!(s.contains("| last"), "{s}");
     }
