@@ -3,5 +3,7 @@
 //! client of the in-guest agent. The containerd shim is built on these.
 
 pub mod agent;
+pub mod config;
 pub mod hypervisor;
 pub mod sandbox;
+pub mod shim;

@@ -6,6 +6,8 @@
 //! or, when `NUTSHELL_REQUIRE_ALL=1` (set by `tools/test.sh`, so by CI), it
 //! fails. Nothing passes silently because the host lacks something.
 
+pub mod containerd;
+
 use std::fs;
 use std::io;
 use std::os::unix::fs::symlink;
@@ -138,7 +140,10 @@ mod tests {
 
     #[test]
     fn busybox_rootfs_has_a_shell() {
-        if !require(Path::new(BUSYBOX).is_file(), "needs /bin/busybox (busybox-static)") {
+        if !require(
+            Path::new(BUSYBOX).is_file(),
+            "needs /bin/busybox (busybox-static)",
+        ) {
             return;
         }
         let dir = tempfile::tempdir().expect("tempdir");

@@ -1,0 +1,272 @@
+//! A pod: one VM with its agent, the pod's state directory and its shared
+//! directory. Created with the pod's first container (the CRI sandbox, or a
+//! lone `ctr run` container) and torn down when that container is deleted.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use nutshell_protocol::agent::CreateSandboxRequest;
+use tokio::task::JoinHandle;
+
+use crate::agent::{AgentClient, DialOptions};
+use crate::config::{Backend, Config};
+use crate::hypervisor::qemu::QemuHypervisor;
+use crate::hypervisor::{Accel, Hypervisor, VmConfig};
+use crate::sandbox::{shared_dir_storage, Sandbox, GUEST_SHARED_DIR};
+
+use super::events::Events;
+use super::mounts::{prepare_shared_dir, remove_tree, unmount_below};
+use super::sizing::VmSize;
+use super::state::{check_id, pod_dir, record_processes, shared_dir, PodRecord};
+use super::ShimError;
+
+/// How long the guest gets to power off after DestroySandbox.
+const POWEROFF_GRACE: Duration = Duration::from_secs(5);
+
+/// What a pod is started with.
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    pub id: String,
+    pub hostname: String,
+    pub size: VmSize,
+    /// Containers of the pod share one pid namespace.
+    pub shared_pid_ns: bool,
+}
+
+/// A running pod.
+#[derive(Debug)]
+pub struct Pod {
+    pub id: String,
+    sandbox: Sandbox,
+    dir: PathBuf,
+    shared: PathBuf,
+    oom_watch: JoinHandle<()>,
+}
+
+impl Pod {
+    /// Prepares the state and shared directories, boots the VM, waits for
+    /// its agent and sets the sandbox up. On any failure, what was made is
+    /// undone before the error returns.
+    pub async fn start(
+        spec: &PodSpec,
+        config: &Config,
+        events: Arc<Events>,
+    ) -> Result<Arc<Self>, ShimError> {
+        check_id(&spec.id).map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
+        check_assets(config)?;
+        let dir = pod_dir(&spec.id);
+        let shared = shared_dir(&spec.id);
+        let prep = {
+            let (dir, shared) = (dir.clone(), shared.clone());
+            tokio::task::spawn_blocking(move || -> Result<(), ShimError> {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&dir)
+                    .map_err(|e| {
+                        ShimError::Internal(format!("cannot create {}: {e}", dir.display()))
+                    })?;
+                prepare_shared_dir(&shared).map_err(ShimError::from_err)
+            })
+            .await
+            .map_err(|e| ShimError::Internal(e.to_string()))?
+        };
+        if let Err(e) = prep {
+            undo_dirs(&dir).await;
+            return Err(e);
+        }
+        match Self::boot(spec, config, &dir, &shared).await {
+            Ok(sandbox) => {
+                let agent = sandbox.agent().clone();
+                let oom_watch = tokio::spawn(watch_oom(agent, events));
+                Ok(Arc::new(Self {
+                    id: spec.id.clone(),
+                    sandbox,
+                    dir,
+                    shared,
+                    oom_watch,
+                }))
+            }
+            Err(e) => {
+                undo_dirs(&dir).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn boot(
+        spec: &PodSpec,
+        config: &Config,
+        dir: &Path,
+        shared: &Path,
+    ) -> Result<Sandbox, ShimError> {
+        let hypervisor: Box<dyn Hypervisor> = match config.vm.backend {
+            // The own VMM is not wired into the runtime yet; `auto` means
+            // QEMU until it is (QEMU itself picks KVM or TCG).
+            Backend::Qemu | Backend::Auto => Box::new(QemuHypervisor::discover().map_err(|e| {
+                ShimError::FailedPrecondition(format!("the qemu backend is not usable: {}", chain(&e)))
+            })?),
+            Backend::Vmm => {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "vm.backend = \"vmm\" in {}: the nutshell-vmm backend is not available in this build; use \"qemu\" or \"auto\"",
+                    config.source_name()
+                )))
+            }
+        };
+        let mut vm = VmConfig::new(spec.id.clone(), dir);
+        vm.kernel = config.vm.kernel.clone();
+        vm.initrd = config.vm.initrd.clone();
+        vm.kernel_params = config
+            .vm
+            .kernel_params
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        vm.vcpus = spec.size.vcpus;
+        vm.memory_mib = spec.size.memory_mib;
+        vm.shared_dir = Some(shared.to_path_buf());
+        vm.accel = Accel::Auto;
+        vm.debug_console = config.vm.debug_console;
+        let dial = DialOptions {
+            deadline: config.agent.dial_timeout,
+            ..DialOptions::default()
+        };
+        tracing::info!(
+            pod = %spec.id, backend = hypervisor.name(), vcpus = vm.vcpus, memory_mib = vm.memory_mib,
+            "starting the pod's VM"
+        );
+        let started = std::time::Instant::now();
+        let sandbox = Sandbox::start(hypervisor.as_ref(), &vm, &dial)
+            .await
+            .map_err(|e| ShimError::Vm(chain(&e)))?;
+        let record = PodRecord {
+            shim_pid: std::process::id(),
+            processes: record_processes(
+                &sandbox
+                    .vm()
+                    .processes()
+                    .iter()
+                    .map(|(role, pid)| (role.to_string(), *pid))
+                    .collect::<Vec<_>>(),
+            ),
+        };
+        if let Err(e) = record.save(dir) {
+            tracing::warn!(error = %chain(&e), "cannot record the VM's processes");
+        }
+        let agent = sandbox.agent();
+        let _ = agent.set_time(SystemTime::now()).await;
+        let req = CreateSandboxRequest {
+            sandbox_id: spec.id.clone(),
+            hostname: spec.hostname.clone(),
+            storages: vec![shared_dir_storage()],
+            shared_dir: GUEST_SHARED_DIR.into(),
+            shared_pid_ns: spec.shared_pid_ns,
+            ..Default::default()
+        };
+        if let Err(e) = agent.create_sandbox(&req).await {
+            let exit = sandbox.vm().kill().await;
+            return Err(ShimError::Vm(format!("{} (VM killed: {exit})", chain(&e))));
+        }
+        tracing::info!(pod = %spec.id, elapsed_ms = started.elapsed().as_millis() as u64, "pod ready");
+        Ok(sandbox)
+    }
+
+    pub fn agent(&self) -> &AgentClient {
+        self.sandbox.agent()
+    }
+
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
+    }
+
+    /// The pod's shared directory on the host.
+    pub fn shared_dir(&self) -> &Path {
+        &self.shared
+    }
+
+    /// The VMM's host pid.
+    pub fn vmm_pid(&self) -> u32 {
+        self.sandbox.vm().processes().first().map_or(0, |(_, p)| *p)
+    }
+
+    /// Powers the guest off (or kills it), then unmounts and removes the
+    /// pod's directories.
+    pub async fn shutdown(&self) {
+        let exit = self.sandbox.shutdown(POWEROFF_GRACE).await;
+        self.oom_watch.abort();
+        tracing::info!(pod = %self.id, %exit, "pod's VM ended");
+        undo_dirs(&self.dir).await;
+    }
+}
+
+/// Names the config key and file when a guest asset is missing: the most
+/// likely first-run mistake.
+fn check_assets(config: &Config) -> Result<(), ShimError> {
+    for (key, path) in [
+        ("vm.kernel", &config.vm.kernel),
+        ("vm.initrd", &config.vm.initrd),
+    ] {
+        if !path.is_file() {
+            return Err(ShimError::FailedPrecondition(format!(
+                "the guest {} {} does not exist ({key} in {}); run tools/setup.sh or fix the config",
+                if key == "vm.kernel" { "kernel" } else { "initramfs" },
+                path.display(),
+                config.source_name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn undo_dirs(dir: &Path) {
+    let dir = dir.to_path_buf();
+    let r = tokio::task::spawn_blocking(move || {
+        unmount_below(&dir)?;
+        remove_tree(&dir)
+    })
+    .await;
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %chain(&e), "cannot clean the pod's directory"),
+        Err(e) => tracing::warn!(error = %e, "pod clean-up task failed"),
+    }
+}
+
+/// Publishes TaskOOM for every OOM kill the agent reports, until the VM
+/// ends.
+async fn watch_oom(agent: AgentClient, events: Arc<Events>) {
+    loop {
+        match agent.get_oom_event().await {
+            Ok(ev) => {
+                tracing::info!(container = %ev.container_id, "OOM kill in the guest");
+                events
+                    .publish(containerd_shim_protos::events::task::TaskOOM {
+                        container_id: ev.container_id,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "OOM watch ends");
+                return;
+            }
+        }
+    }
+}
+
+/// An error with its whole source chain, for messages that leave the shim.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}

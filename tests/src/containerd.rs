@@ -1,0 +1,658 @@
+//! A private containerd 1.6 for end-to-end tests of the nutshell shim.
+//!
+//! Each [`Containerd`] has its own root, state, socket and config under a
+//! fresh directory in `/run` (never the machine's `/var/lib/containerd` or
+//! `/run/containerd/containerd.sock`). Its CRI plugin declares runc as the
+//! default runtime (containerd refuses a CRI config whose default runtime is
+//! missing) and a `nutshell` handler with `runtime_type =
+//! "io.containerd.nutshell.v2"`; `restrict_oom_score_adj = true` because
+//! these machines lack `CAP_SYS_RESOURCE` (see environment.md). The shim
+//! binary reaches containerd through `PATH`, the nutshell config through
+//! `NUTSHELL_CONFIG`.
+//!
+//! Images are built offline with `umoci` from `busybox-static` and imported
+//! with `ctr images import` under fully-qualified names ([`BUSYBOX_IMAGE`],
+//! [`PAUSE_IMAGE`]).
+
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::{busybox_rootfs, guest_dir, is_root, which, workspace_root, BUSYBOX};
+
+/// The busybox image every test runs.
+pub const BUSYBOX_IMAGE: &str = "docker.io/nutshell/busybox:latest";
+/// The CRI sandbox ("pause") image.
+pub const PAUSE_IMAGE: &str = "docker.io/nutshell/pause:latest";
+/// The runtime name containerd maps to `containerd-shim-nutshell-v2`.
+pub const NUTSHELL_RUNTIME: &str = "io.containerd.nutshell.v2";
+/// The CRI runtime handler.
+pub const NUTSHELL_HANDLER: &str = "nutshell";
+/// Where the shim keeps per-pod state.
+pub const NUTSHELL_RUN_DIR: &str = "/run/nutshell";
+/// containerd namespace the tests use.
+pub const NAMESPACE: &str = "nutshell-test";
+
+/// Serialises the tests that drive VMs: the machine has 2 cores, and a
+/// leak check must not see another test's VM.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The built shim: `$NUTSHELL_SHIM_BIN`, else the workspace's debug or
+/// release build.
+pub fn shim_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("NUTSHELL_SHIM_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    ["debug", "release"]
+        .iter()
+        .map(|p| target.join(p).join("containerd-shim-nutshell-v2"))
+        .find(|p| p.is_file())
+}
+
+/// Everything an end-to-end test needs, or the first thing missing.
+pub fn prerequisites() -> Result<(), String> {
+    if !is_root() {
+        return Err("needs root".into());
+    }
+    for prog in ["containerd", "ctr", "umoci", "qemu-system-x86_64"] {
+        if which(prog).is_none() {
+            return Err(format!("needs {prog} on PATH"));
+        }
+    }
+    if !Path::new(BUSYBOX).is_file() {
+        return Err("needs /bin/busybox (busybox-static)".into());
+    }
+    for asset in ["vmlinux", "initramfs.cpio.gz"] {
+        let p = guest_dir().join(asset);
+        if !p.is_file() {
+            return Err(format!("needs the guest image: {} is missing", p.display()));
+        }
+    }
+    if shim_binary().is_none() {
+        return Err(
+            "needs the built containerd-shim-nutshell-v2 (cargo build -p nutshell-runtime)".into(),
+        );
+    }
+    Ok(())
+}
+
+/// A nutshell config for tests: the guest image from [`guest_dir`], QEMU,
+/// plus `extra` TOML lines for the `[vm]` section.
+pub fn test_nutshell_config(extra_vm: &str) -> String {
+    let g = guest_dir();
+    format!(
+        "[vm]\nbackend = \"qemu\"\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\n{extra_vm}\n\
+         [agent]\ndial_timeout_ms = 60000\n[log]\nlevel = \"debug\"\n",
+        g.join("vmlinux").display(),
+        g.join("initramfs.cpio.gz").display()
+    )
+}
+
+/// A running private containerd.
+pub struct Containerd {
+    dir: PathBuf,
+    child: Option<Child>,
+    /// containerd's gRPC socket (also the CRI endpoint).
+    pub socket: PathBuf,
+    /// The nutshell config the shim reads (via `NUTSHELL_CONFIG`).
+    pub nutshell_config: PathBuf,
+}
+
+impl Containerd {
+    /// Writes the config, starts containerd, waits until it answers and
+    /// imports the busybox and pause images.
+    pub fn start(nutshell_config: &str) -> io::Result<Self> {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Short: containerd's socket path must fit in sun_path.
+        let dir = PathBuf::from(format!("/run/nutshell-test-{}-{n}", std::process::id()));
+        if dir.exists() {
+            fs::remove_dir_all(&dir)?;
+        }
+        fs::create_dir_all(dir.join("bin"))?;
+        fs::create_dir_all(dir.join("cni"))?;
+        let shim = shim_binary().ok_or_else(|| io::Error::other("shim binary not built"))?;
+        symlink(&shim, dir.join("bin/containerd-shim-nutshell-v2"))?;
+        let nutshell_config_path = dir.join("nutshell.toml");
+        fs::write(&nutshell_config_path, nutshell_config)?;
+        let socket = dir.join("containerd.sock");
+        fs::write(
+            dir.join("config.toml"),
+            containerd_config(&dir, &socket, &nutshell_config_path),
+        )?;
+        let mut c = Self {
+            dir,
+            child: None,
+            socket,
+            nutshell_config: nutshell_config_path,
+        };
+        c.spawn()?;
+        let images = test_images()?;
+        for (tar, name) in [
+            (&images.busybox, BUSYBOX_IMAGE),
+            (&images.pause, PAUSE_IMAGE),
+        ] {
+            let base = name.rsplit_once(':').map_or(name, |(b, _)| b);
+            c.ctr_ok(&[
+                "images",
+                "import",
+                "--base-name",
+                base,
+                &tar.display().to_string(),
+            ])?;
+        }
+        Ok(c)
+    }
+
+    fn spawn(&mut self) -> io::Result<()> {
+        let path = format!(
+            "{}:{}",
+            self.dir.join("bin").display(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+        );
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("containerd.log"))?;
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(self.dir.join("config.toml"))
+            .env("PATH", path)
+            .env("NUTSHELL_CONFIG", &self.nutshell_config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.socket.exists() && self.ctr(&["version"]).output()?.status.success() {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Err(io::Error::other(format!(
+                    "containerd exited with {status}; log:\n{}",
+                    self.log_tail(40)
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "containerd did not answer within 30 s; log:\n{}",
+                    self.log_tail(40)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops containerd (SIGTERM, then SIGKILL after 10 s); running shims
+    /// and their pods keep running, as with a real containerd restart.
+    pub fn stop(&mut self) -> io::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    child.kill()?;
+                    child.wait()?;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops and starts containerd again on the same root and state.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.stop()?;
+        self.spawn()
+    }
+
+    /// containerd's PID.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The private directory (config, log, root, state).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A `ctr` command bound to this containerd and [`NAMESPACE`].
+    pub fn ctr(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", NAMESPACE])
+            .args(args);
+        cmd
+    }
+
+    /// Runs `ctr args…`, returns its stdout, fails with stderr on error.
+    pub fn ctr_ok(&self, args: &[&str]) -> io::Result<String> {
+        let out = self.ctr(args).stdin(Stdio::null()).output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "ctr {} failed ({}): {}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `ctr run --rm --runtime io.containerd.nutshell.v2 BUSYBOX id cmd…`,
+    /// with a timeout.
+    pub fn run_nutshell(&self, id: &str, extra: &[&str], cmd: &[&str]) -> io::Result<Output> {
+        let mut args = vec!["run", "--rm", "--runtime", NUTSHELL_RUNTIME];
+        args.extend_from_slice(extra);
+        args.push(BUSYBOX_IMAGE);
+        args.push(id);
+        args.extend_from_slice(cmd);
+        output_with_timeout(
+            self.ctr(&args).stdin(Stdio::null()),
+            Duration::from_secs(180),
+        )
+    }
+
+    /// The last `n` lines of containerd's log (shim logs included).
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Kills and deletes every task and container left in [`NAMESPACE`].
+    pub fn remove_everything(&self) {
+        let tasks = self.ctr_ok(&["tasks", "list", "-q"]).unwrap_or_default();
+        for id in tasks.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let _ = self
+                .ctr(&["tasks", "kill", "-a", "-s", "SIGKILL", id])
+                .output();
+            let _ = self.ctr(&["tasks", "delete", "-f", id]).output();
+        }
+        let containers = self
+            .ctr_ok(&["containers", "list", "-q"])
+            .unwrap_or_default();
+        for id in containers.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let _ = self.ctr(&["containers", "delete", id]).output();
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.remove_everything();
+        }
+        let _ = self.stop();
+        // containerd's snapshots are unmounted once no task uses them; what
+        // is still mounted under the private root is unmounted here so the
+        // directory can go.
+        for m in mounts_under(&self.dir) {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+        if std::env::var_os("NUTSHELL_KEEP_CONTAINERD").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn containerd_config(dir: &Path, socket: &Path, nutshell_config: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+
+[grpc]
+  address = "{socket}"
+
+[ttrpc]
+  address = ""
+
+[debug]
+  level = "debug"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  enable_selinux = false
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    snapshotter = "overlayfs"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{NUTSHELL_HANDLER}]
+      runtime_type = "{NUTSHELL_RUNTIME}"
+      pod_annotations = ["io.nutshell.*"]
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{NUTSHELL_HANDLER}.options]
+        ConfigPath = "{cfg}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{d}/cni"
+"#,
+        socket = socket.display(),
+        cfg = nutshell_config.display(),
+    )
+}
+
+/// The image archives, built once per test process.
+pub struct TestImages {
+    pub busybox: PathBuf,
+    pub pause: PathBuf,
+}
+
+/// Builds (once per process) the busybox and pause OCI archives.
+pub fn test_images() -> io::Result<&'static TestImages> {
+    static IMAGES: OnceLock<Result<TestImages, String>> = OnceLock::new();
+    IMAGES
+        .get_or_init(|| build_images().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| io::Error::other(e.clone()))
+}
+
+fn build_images() -> io::Result<TestImages> {
+    let dir = std::env::temp_dir().join(format!("nutshell-images-{}", std::process::id()));
+    if dir.exists() {
+        fs::remove_dir_all(&dir)?;
+    }
+    fs::create_dir_all(&dir)?;
+    let busybox = dir.join("busybox.tar");
+    build_image(&dir.join("busybox"), &busybox, &["sh"])?;
+    let pause = dir.join("pause.tar");
+    // The sandbox process only has to live as long as the pod; busybox's
+    // sleep takes "inf".
+    build_image(&dir.join("pause"), &pause, &["sleep", "inf"])?;
+    Ok(TestImages { busybox, pause })
+}
+
+/// Builds an OCI archive holding one image, tag `latest`, whose rootfs is
+/// [`busybox_rootfs`] and whose command is `cmd`.
+pub fn build_image(work: &Path, tar: &Path, cmd: &[&str]) -> io::Result<()> {
+    let layout = work.join("layout");
+    let bundle = work.join("bundle");
+    let image = format!("{}:latest", layout.display());
+    run_ok(
+        Command::new("umoci")
+            .args(["init", "--layout"])
+            .arg(&layout),
+    )?;
+    run_ok(Command::new("umoci").args(["new", "--image", &image]))?;
+    run_ok(
+        Command::new("umoci")
+            .args(["unpack", "--image", &image])
+            .arg(&bundle),
+    )?;
+    busybox_rootfs(&bundle.join("rootfs"))?;
+    run_ok(
+        Command::new("umoci")
+            .args(["repack", "--image", &image])
+            .arg(&bundle),
+    )?;
+    let mut config = Command::new("umoci");
+    config.args([
+        "config",
+        "--image",
+        &image,
+        "--config.env",
+        "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+    ]);
+    for c in cmd {
+        config.args(["--config.cmd", c]);
+    }
+    run_ok(&mut config)?;
+    run_ok(Command::new("umoci").args(["gc", "--layout"]).arg(&layout))?;
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&layout)
+            .arg("-cf")
+            .arg(tar)
+            .arg("."),
+    )?;
+    fs::remove_dir_all(work)?;
+    Ok(())
+}
+
+fn run_ok(cmd: &mut Command) -> io::Result<()> {
+    let out = cmd.stdin(Stdio::null()).output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
+}
+
+/// Runs `cmd`, killing it after `timeout`.
+pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> io::Result<Output> {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(s) = stdout.as_mut() {
+            let _ = s.read_to_end(&mut v);
+        }
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.read_to_end(&mut v);
+        }
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let s = child.wait()?;
+            let stdout = out_t.join().unwrap_or_default();
+            let stderr = err_t.join().unwrap_or_default();
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{cmd:?} timed out after {timeout:?} ({s}); stdout: {}; stderr: {}",
+                    String::from_utf8_lossy(&stdout),
+                    String::from_utf8_lossy(&stderr)
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    })
+}
+
+/// Mount points at or below `dir`, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut v: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    v
+}
+
+fn unescape_mount_path(s: &str) -> PathBuf {
+    // mountinfo escapes space, tab, newline and backslash as \ooo.
+    let mut out = Vec::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            let oct = std::str::from_utf8(&b[i + 1..i + 4]).ok();
+            if let Some(v) = oct.and_then(|o| u8::from_str_radix(o, 8).ok()) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    PathBuf::from(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// What nutshell leaves on the host: counted before and after a test.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Footprint {
+    /// PIDs of nutshell shims, QEMU, virtiofsd and vhost-device-vsock.
+    pub processes: Vec<(u32, String)>,
+    /// Mount points under `/run/nutshell`.
+    pub mounts: Vec<PathBuf>,
+    /// Entries of `/run/nutshell` (pod state directories).
+    pub state_dirs: Vec<PathBuf>,
+}
+
+impl Footprint {
+    /// Reads the current footprint.
+    pub fn now() -> Self {
+        let mut processes = Vec::new();
+        if let Ok(rd) = fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
+                    continue;
+                };
+                let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+                let name = Path::new(std::str::from_utf8(argv0).unwrap_or_default())
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if [
+                    "containerd-shim-nutshell-v2",
+                    "qemu-system-x86_64",
+                    "virtiofsd",
+                    "vhost-device-vsock",
+                ]
+                .contains(&name.as_str())
+                {
+                    processes.push((pid, name));
+                }
+            }
+        }
+        processes.sort();
+        let mut state_dirs: Vec<PathBuf> = fs::read_dir(NUTSHELL_RUN_DIR)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        state_dirs.sort();
+        Self {
+            processes,
+            mounts: mounts_under(Path::new(NUTSHELL_RUN_DIR)),
+            state_dirs,
+        }
+    }
+
+    /// Waits up to `timeout` for the footprint to equal `baseline`, returns
+    /// the last one seen.
+    pub fn settle_to(baseline: &Self, timeout: Duration) -> Self {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = Self::now();
+            if now == *baseline || Instant::now() > deadline {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_paths_are_unescaped() {
+        assert_eq!(unescape_mount_path("/a\\040b"), PathBuf::from("/a b"));
+        assert_eq!(unescape_mount_path("/plain"), PathBuf::from("/plain"));
+        assert_eq!(unescape_mount_path("/end\\"), PathBuf::from("/end\\"));
+    }
+
+    #[test]
+    fn config_declares_runc_default_and_nutshell_handler() {
+        let c = containerd_config(
+            Path::new("/run/x"),
+            Path::new("/run/x/c.sock"),
+            Path::new("/run/x/n.toml"),
+        );
+        let t: toml::Table = c.parse().expect("valid TOML");
+        let cri = &t["plugins"]["io.containerd.grpc.v1.cri"];
+        assert_eq!(cri["restrict_oom_score_adj"].as_bool(), Some(true));
+        let runtimes = &cri["containerd"]["runtimes"];
+        assert_eq!(
+            runtimes["runc"]["runtime_type"].as_str(),
+            Some("io.containerd.runc.v2")
+        );
+        assert_eq!(
+            runtimes["nutshell"]["runtime_type"].as_str(),
+            Some(NUTSHELL_RUNTIME)
+        );
+        assert_eq!(
+            runtimes["nutshell"]["options"]["ConfigPath"].as_str(),
+            Some("/run/x/n.toml")
+        );
+        assert_eq!(t["root"].as_str(), Some("/run/x/root"));
+    }
+
+    #[test]
+    fn images_build_offline() {
+        if !crate::require(
+            which("umoci").is_some() && Path::new(BUSYBOX).is_file() && is_root(),
+            "needs root, umoci and busybox-static",
+        ) {
+            return;
+        }
+        let imgs = test_images().expect("images");
+        let list = Command::new("tar")
+            .arg("-tf")
+            .arg(&imgs.busybox)
+            .output()
+            .expect("tar");
+        let list = String::from_utf8_lossy(&list.stdout);
+        assert!(
+            list.contains("index.json") && list.contains("oci-layout"),
+            "{list}"
+        );
+    }
+}

@@ -1,0 +1,573 @@
+//! The real guest (installed kernel + initramfs with the agent as PID 1)
+//! under QEMU/TCG, driven through `nutshell-runtime`: the QEMU backend, its
+//! supervision, and the agent client over hybrid vsock.
+//!
+//! TCG boots cost seconds of CPU, so one VM serves most checks
+//! (`guest_runs_containers`), and the VM tests run one at a time.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nutshell_protocol::agent::{CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest};
+use nutshell_runtime::agent::{AgentAddress, AgentClient, AgentError, DialOptions};
+use nutshell_runtime::hypervisor::qemu::QemuHypervisor;
+use nutshell_runtime::hypervisor::{Accel, Hypervisor, ProcessRole, ProcessStatus, VmConfig};
+use nutshell_runtime::sandbox::{shared_dir_storage, Sandbox, GUEST_SHARED_DIR};
+use nutshell_tests::{busybox_rootfs, guest_dir, is_root, require, BUSYBOX};
+use serde_json::{json, Value};
+
+/// VM tests run one at a time: each TCG guest wants a whole CPU here.
+static VM_LOCK: Mutex<()> = Mutex::new(());
+
+/// Where the agent must answer by, from QEMU's start (TCG on a loaded
+/// 2-core machine; a boot takes 1–2 s when idle).
+const AGENT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The prerequisites of every test here; `None` means skip.
+fn prerequisites() -> Option<QemuHypervisor> {
+    if !require(is_root(), "needs root (vhost-user sockets, virtiofsd)") {
+        return None;
+    }
+    let guest = guest_dir();
+    for f in ["vmlinux", "initramfs.cpio.gz"] {
+        let p = guest.join(f);
+        if !require(
+            p.is_file(),
+            &format!("needs {} (guest-image/build.sh --install)", p.display()),
+        ) {
+            return None;
+        }
+    }
+    if !require(
+        Path::new(BUSYBOX).is_file(),
+        "needs /bin/busybox (busybox-static)",
+    ) {
+        return None;
+    }
+    match QemuHypervisor::discover() {
+        Ok(hv) => Some(hv),
+        Err(e) => {
+            require(
+                false,
+                &format!("needs QEMU and the vhost-user backends ({e}); run tools/setup.sh"),
+            );
+            None
+        }
+    }
+}
+
+/// Runs `body` on a fresh multi-threaded runtime, under [`VM_LOCK`], with
+/// an overall limit so a hang fails the test instead of the run.
+fn vm_test<F: Future<Output = ()>>(limit: Duration, body: impl FnOnce() -> F) {
+    let _serial = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(limit, body())
+            .await
+            .expect("the test took too long");
+    });
+}
+
+fn vm_config(id: &str, state: &Path, shared: Option<&Path>) -> VmConfig {
+    let mut c = VmConfig::new(id, state.join(id));
+    c.kernel = guest_dir().join("vmlinux");
+    c.initrd = guest_dir().join("initramfs.cpio.gz");
+    c.accel = Accel::Tcg;
+    c.memory_mib = 256;
+    c.shared_dir = shared.map(Path::to_path_buf);
+    c
+}
+
+fn dial_options() -> DialOptions {
+    DialOptions {
+        deadline: AGENT_DEADLINE,
+        call_timeout: Duration::from_secs(30),
+        ..DialOptions::default()
+    }
+}
+
+/// A minimal OCI runtime spec for busybox: its own pid, mount, uts, ipc and
+/// network namespaces unless `join` names a namespace path for a kind.
+fn spec(args: &[&str], join: &BTreeMap<&str, String>, resources: Value) -> Vec<u8> {
+    let namespaces: Vec<Value> = ["pid", "mount", "uts", "ipc", "network"]
+        .iter()
+        .map(|kind| match join.get(kind) {
+            Some(path) => json!({"type": kind, "path": path}),
+            None => json!({"type": kind}),
+        })
+        .collect();
+    serde_json::to_vec(&json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"],
+            "cwd": "/",
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs", "readonly": false},
+        "hostname": "guest-test",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]}
+        ],
+        "linux": {"namespaces": namespaces, "resources": resources}
+    }))
+    .unwrap()
+}
+
+/// The guest path of the rootfs every container here uses.
+fn guest_rootfs() -> String {
+    format!("{GUEST_SHARED_DIR}/rootfs")
+}
+
+async fn create(agent: &AgentClient, id: &str, spec_json: Vec<u8>, stdin: bool) -> u32 {
+    let req = CreateContainerRequest {
+        container_id: id.into(),
+        spec_json,
+        rootfs: guest_rootfs(),
+        stdin,
+        ..Default::default()
+    };
+    agent
+        .create_container(&req)
+        .await
+        .unwrap_or_else(|e| panic!("creating {id}: {e:#}"))
+        .pid
+}
+
+/// Reads a process's stdout (or stderr) to EOF.
+async fn drain(agent: &AgentClient, cid: &str, exec: &str, stderr: bool) -> String {
+    let mut out = Vec::new();
+    loop {
+        let r = if stderr {
+            agent.read_stderr(cid, exec, 65536).await
+        } else {
+            agent.read_stdout(cid, exec, 65536).await
+        }
+        .unwrap_or_else(|e| panic!("reading the output of {cid}/{exec}: {e:#}"));
+        out.extend_from_slice(&r.data);
+        if r.eof {
+            return String::from_utf8_lossy(&out).into_owned();
+        }
+    }
+}
+
+struct Outcome {
+    status: i32,
+    signal: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Creates, starts and waits for a container, feeding `stdin` (then closing
+/// it) and collecting its output; removes it afterwards.
+async fn run(agent: &AgentClient, id: &str, spec_json: Vec<u8>, stdin: Option<&[u8]>) -> Outcome {
+    create(agent, id, spec_json, stdin.is_some()).await;
+    agent.start_container(id).await.unwrap();
+    if let Some(data) = stdin {
+        let mut sent = 0;
+        while sent < data.len() {
+            sent += agent.write_stdin(id, "", &data[sent..]).await.unwrap() as usize;
+        }
+        agent.close_stdin(id, "").await.unwrap();
+    }
+    let (stdout, stderr, wait) = tokio::join!(
+        drain(agent, id, "", false),
+        drain(agent, id, "", true),
+        agent.wait_process(id, "")
+    );
+    let wait = wait.unwrap();
+    agent.remove_container(id).await.unwrap();
+    Outcome {
+        status: wait.exit_status,
+        signal: wait.signal,
+        stdout,
+        stderr,
+    }
+}
+
+/// Runs `args` in a running container and returns its stdout.
+async fn exec(agent: &AgentClient, cid: &str, exec_id: &str, args: &[&str]) -> String {
+    let process = json!({
+        "user": {"uid": 0, "gid": 0},
+        "args": args,
+        "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+        "cwd": "/"
+    });
+    let req = ExecProcessRequest {
+        container_id: cid.into(),
+        exec_id: exec_id.into(),
+        process_json: serde_json::to_vec(&process).unwrap(),
+        stdin: false,
+        ..Default::default()
+    };
+    agent.exec_process(&req).await.unwrap();
+    let (out, wait) = tokio::join!(
+        drain(agent, cid, exec_id, false),
+        agent.wait_process(cid, exec_id)
+    );
+    assert_eq!(
+        wait.unwrap().exit_status,
+        0,
+        "exec {args:?} in {cid} failed"
+    );
+    out
+}
+
+/// Every process whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                found.push((pid, cmd));
+            }
+        }
+    }
+    found
+}
+
+/// Asserts the host holds nothing of a VM that used `dir`: no process
+/// mentions it, no mount lies under it, its state directory is gone.
+fn assert_nothing_left(dir: &Path, state: &Path) {
+    let needle = dir.to_str().unwrap();
+    assert_eq!(
+        processes_mentioning(needle),
+        vec![],
+        "processes left behind"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(needle), "mounts left behind:\n{mounts}");
+    assert!(
+        !state.exists(),
+        "{} left behind: {:?}",
+        state.display(),
+        std::fs::read_dir(state).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<PathBuf>>())
+    );
+}
+
+fn host_kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// One VM, many checks: health, uname, exit codes and stdio, cgroup v2
+/// limits, shared namespaces, pause/resume and stats; then a clean shutdown.
+#[test]
+fn guest_runs_containers() {
+    let Some(hv) = prerequisites() else { return };
+    vm_test(Duration::from_secs(600), || async move {
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = tmp.path().join("shared");
+        busybox_rootfs(&shared.join("rootfs")).unwrap();
+        let config = vm_config("guest-runs-containers", tmp.path(), Some(&shared));
+        let state = config.state_dir.clone();
+
+        let started = Instant::now();
+        let sandbox = Sandbox::start(&hv, &config, &dial_options())
+            .await
+            .unwrap_or_else(|e| panic!("{:#}", ErrChain(&e)));
+        let ready = started.elapsed();
+        eprintln!("agent answered {ready:?} after QEMU started");
+        let agent = sandbox.agent();
+        let vm = sandbox.vm();
+        assert!(agent.health().await.unwrap().status == "SERVING");
+
+        // The guest: its own kernel, cgroup v2, the agent as PID 1.
+        let details = agent.guest_details().await.unwrap();
+        assert!(details.pid1 && details.cgroup_v2, "{details:?}");
+        assert_ne!(details.kernel_release, host_kernel_release());
+        let mem = vm.host_memory().unwrap();
+        eprintln!(
+            "guest memory in use {} MiB; host RSS {} MiB, PSS {} MiB over {} processes",
+            (details.mem_total_bytes - details.mem_available_bytes) >> 20,
+            mem.rss_kib >> 10,
+            mem.pss_kib >> 10,
+            mem.processes
+        );
+
+        agent
+            .create_sandbox(&CreateSandboxRequest {
+                sandbox_id: "guest-runs-containers".into(),
+                hostname: "pod".into(),
+                storages: vec![shared_dir_storage()],
+                shared_dir: GUEST_SHARED_DIR.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let none = BTreeMap::new();
+
+        // uname -r in a container prints the guest kernel's release.
+        let out = run(
+            agent,
+            "uname",
+            spec(&["uname", "-r"], &none, json!({})),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (out.status, out.stdout.trim()),
+            (0, details.kernel_release.as_str())
+        );
+
+        // Exit codes, stdin and stdout come through.
+        let out = run(
+            agent,
+            "exit3",
+            spec(&["sh", "-c", "echo to-err >&2; exit 3"], &none, json!({})),
+            None,
+        )
+        .await;
+        assert_eq!((out.status, out.stderr.as_str()), (3, "to-err\n"));
+        let text = b"line one\nline two\n";
+        let out = run(agent, "cat", spec(&["cat"], &none, json!({})), Some(text)).await;
+        assert_eq!((out.status, out.stdout.as_bytes()), (0, &text[..]));
+
+        // pids.max stops a fork loop.
+        let bomb = "for i in $(seq 40); do sleep 30 & done; echo all-forked";
+        let out = run(
+            agent,
+            "forks",
+            spec(&["sh", "-c", bomb], &none, json!({"pids": {"limit": 8}})),
+            None,
+        )
+        .await;
+        assert_ne!(
+            out.status, 0,
+            "the fork loop was not stopped: {}",
+            out.stdout
+        );
+        assert!(!out.stdout.contains("all-forked"));
+        assert!(out.stderr.contains("fork"), "stderr: {}", out.stderr);
+
+        // memory.max makes the kernel OOM-kill, and the agent reports it.
+        let oom_waiter = {
+            let agent = agent.clone();
+            tokio::spawn(async move { agent.get_oom_event().await })
+        };
+        let hog = spec(
+            &["tail", "/dev/zero"],
+            &none,
+            json!({"memory": {"limit": 16 << 20, "swap": 16 << 20}}),
+        );
+        let out = run(agent, "hog", hog, None).await;
+        assert_eq!(
+            (out.status, out.signal),
+            (137, 9),
+            "the hog was not OOM-killed"
+        );
+        let oom = tokio::time::timeout(Duration::from_secs(20), oom_waiter)
+            .await
+            .expect("no OOM event")
+            .unwrap()
+            .unwrap();
+        assert_eq!(oom.container_id, "hog");
+
+        // Two containers in one pod share net and ipc but not mount.
+        let pause_pid = create(
+            agent,
+            "pod-pause",
+            spec(&["sleep", "1000"], &none, json!({})),
+            false,
+        )
+        .await;
+        agent.start_container("pod-pause").await.unwrap();
+        let join: BTreeMap<&str, String> = [
+            ("network", format!("/proc/{pause_pid}/ns/net")),
+            ("ipc", format!("/proc/{pause_pid}/ns/ipc")),
+        ]
+        .into_iter()
+        .collect();
+        let ns = [
+            "readlink",
+            "/proc/self/ns/net",
+            "/proc/self/ns/ipc",
+            "/proc/self/ns/mnt",
+        ];
+        let theirs = exec(agent, "pod-pause", "ns", &ns).await;
+        let ours = run(agent, "pod-app", spec(&ns, &join, json!({})), None)
+            .await
+            .stdout;
+        let (theirs, ours): (Vec<&str>, Vec<&str>) =
+            (theirs.lines().collect(), ours.lines().collect());
+        assert_eq!(theirs.len(), 3, "{theirs:?}");
+        assert_eq!(ours.len(), 3, "{ours:?}");
+        assert_eq!(theirs[..2], ours[..2], "net/ipc not shared");
+        assert_ne!(theirs[2], ours[2], "mount namespace shared");
+
+        // Pause freezes a container, resume thaws it: its counter, written
+        // into the shared directory, stops and goes on. Stats come back.
+        let counter = shared.join("rootfs/tmp/count");
+        let tick = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done";
+        create(
+            agent,
+            "ticker",
+            spec(&["sh", "-c", tick], &none, json!({"pids": {"limit": 50}})),
+            false,
+        )
+        .await;
+        agent.start_container("ticker").await.unwrap();
+        let read_count = || {
+            std::fs::read_to_string(&counter)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        wait_until("the ticker to start", || read_count() > 2).await;
+        agent.pause_container("ticker").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let frozen = read_count();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(read_count(), frozen, "a paused container kept running");
+        agent.resume_container("ticker").await.unwrap();
+        wait_until("the ticker to resume", || read_count() > frozen + 2).await;
+        let stats = agent.stats_container("ticker").await.unwrap();
+        let (cpu, memory, pids) = (
+            stats.cpu.unwrap(),
+            stats.memory.unwrap(),
+            stats.pids.unwrap(),
+        );
+        assert!(cpu.usage_usec > 0, "{cpu:?}");
+        assert!(memory.usage > 0, "{memory:?}");
+        assert!(pids.current >= 1 && pids.limit == 50, "{pids:?}");
+        agent.signal_process("ticker", "", 9, true).await.unwrap();
+        let w = agent.wait_process("ticker", "").await.unwrap();
+        assert_eq!((w.exit_status, w.signal), (137, 9));
+        agent.remove_container("ticker").await.unwrap();
+
+        // A clean shutdown: the guest powers off, everything is reaped.
+        let pids: Vec<u32> = vm.processes().iter().map(|(_, p)| *p).collect();
+        let exit = sandbox.shutdown(Duration::from_secs(20)).await;
+        assert!(exit.is_clean_poweroff(), "{exit}");
+        for pid in pids {
+            assert!(
+                !Path::new(&format!("/proc/{pid}")).exists(),
+                "pid {pid} left"
+            );
+        }
+        assert_nothing_left(tmp.path(), &state);
+    });
+}
+
+/// Polls `cond` every 50 ms for up to 20 s.
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A `kill -9`'d QEMU is reported as such within seconds; calls in flight
+/// fail at once; nothing is left behind.
+#[test]
+fn killed_qemu_is_reported() {
+    let Some(hv) = prerequisites() else { return };
+    vm_test(Duration::from_secs(300), || async move {
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        let config = vm_config("killed-qemu", tmp.path(), Some(&shared));
+        let state = config.state_dir.clone();
+        let vm = hv.launch(&config).await.unwrap();
+        let agent = AgentClient::connect(
+            &AgentAddress::hybrid_vsock(vm.agent_socket()),
+            &dial_options(),
+            Some(vm.end_watch()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{:#}", ErrChain(&e)));
+        let blocked = {
+            let agent = agent.clone();
+            tokio::spawn(async move { agent.get_oom_event().await })
+        };
+        let qemu = vm
+            .processes()
+            .iter()
+            .find(|(r, _)| *r == ProcessRole::Vmm)
+            .map(|(_, p)| *p)
+            .unwrap();
+        let killed = Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(qemu as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let exit = tokio::time::timeout(Duration::from_secs(5), vm.ended())
+            .await
+            .expect("the killed QEMU was not noticed within 5 s");
+        eprintln!("noticed in {:?}: {exit}", killed.elapsed());
+        assert_eq!((exit.role, exit.pid), (ProcessRole::Vmm, qemu));
+        assert_eq!(exit.status, ProcessStatus::Signaled(9));
+        assert!(!exit.requested);
+        assert!(exit.to_string().contains("SIGKILL"), "{exit}");
+        let e = tokio::time::timeout(Duration::from_secs(2), blocked)
+            .await
+            .expect("a blocked call outlived the VM")
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(e, AgentError::VmEnded { .. }), "{e}");
+        assert_nothing_left(tmp.path(), &state);
+    });
+}
+
+/// A guest that dies before its agent answers fails the dial at once, and
+/// the error quotes the console.
+#[test]
+fn a_guest_that_dies_early_is_reported_with_its_console() {
+    let Some(hv) = prerequisites() else { return };
+    vm_test(Duration::from_secs(300), || async move {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = vm_config("dies-early", tmp.path(), None);
+        // No such init: the kernel panics, and panic=-1 ends QEMU.
+        config.kernel_params = vec!["rdinit=/no-such-init".into(), "init=/no-such-init".into()];
+        let state = config.state_dir.clone();
+        let t = Instant::now();
+        let e = Sandbox::start(&hv, &config, &dial_options())
+            .await
+            .unwrap_err();
+        let text = format!("{:#}", ErrChain(&e));
+        eprintln!("failed after {:?}: {text}", t.elapsed());
+        assert!(t.elapsed() < AGENT_DEADLINE, "waited for the deadline");
+        assert!(
+            text.contains("the VM ended while waiting for the agent to answer"),
+            "{text}"
+        );
+        assert!(text.contains("Kernel panic"), "no console quoted: {text}");
+        assert_nothing_left(tmp.path(), &state);
+    });
+}
+
+/// Formats an error with its sources.
+struct ErrChain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
