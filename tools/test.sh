@@ -21,3 +21,6 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo test"
 cargo test --workspace
+
+step "full Linux boot on KVM with nutshell-vmm (skips where KVM cannot run Linux)"
+tools/kvm-linux-boot-test.sh
