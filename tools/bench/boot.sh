@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Boot benchmark of the real guest under QEMU through nutshell-runtime:
+# boot to agent-ready (p50 over N boots), guest memory in use at agent-ready
+# (GuestDetails MemTotal - MemAvailable), host RSS/PSS of the VM's process
+# tree (QEMU + vhost-device-vsock [+ virtiofsd]), shutdown time.
+#
+#   tools/bench/boot.sh [--boots N] [--accel tcg|kvm|auto] [--memory MIB] [--shared]
+#
+# Needs root, the installed guest image (/usr/share/nutshell) and the VM
+# backends (tools/setup.sh). Targets (issue 3): boot p50 <= 2 s wall under
+# TCG, guest memory in use <= 32 MiB.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build -q -p nutshell-runtime --example boot-bench
+echo "host: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg); qemu: $(qemu-system-x86_64 --version | head -1)"
+echo "guest: $(cat /usr/share/nutshell/VERSION 2>/dev/null || echo '?')"
+exec target/debug/examples/boot-bench "$@"
