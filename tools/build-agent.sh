@@ -10,8 +10,8 @@ target=x86_64-unknown-linux-gnu
 RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --release --target "$target" -p nutshell-agent >&2
 bin="$PWD/target/$target/release/nutshell-agent"
-# ldd fails on a static executable ("not a dynamic executable").
-if ldd "$bin" >/dev/null 2>&1; then
+# A dynamic executable lists its libraries as "name => path".
+if ldd "$bin" 2>&1 | grep -q '=>'; then
     echo "build-agent.sh: $bin is not statically linked" >&2
     exit 1
 fi
