@@ -19,6 +19,9 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "build the static agent (tests/tests/agent_host.rs runs it)"
+tools/build-agent.sh >/dev/null
+
 step "cargo test"
 cargo test --workspace
 
