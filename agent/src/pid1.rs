@@ -265,10 +265,15 @@ pub fn become_subreaper() -> Result<(), Pid1Error> {
     nix::sys::prctl::set_child_subreaper(true).map_err(sys("PR_SET_CHILD_SUBREAPER"))
 }
 
-/// Syncs and powers the machine off. Only returns if the kernel refuses.
+/// Syncs and stops the machine. Only returns if the kernel refuses.
+///
+/// It reboots rather than powers off: the VMs (QEMU microvm without ACPI,
+/// nutshell-vmm) have no power-off device, so the kernel would turn a
+/// power-off into a halt that never ends; every VMM runs the guest with
+/// "reboot = exit" (`-no-reboot`), so a reboot ends the VM at once.
 pub fn power_off() {
     nix::unistd::sync();
-    let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
     tracing::error!("power off failed: {e}");
     std::process::exit(1);
 }

@@ -4,12 +4,14 @@
 //! `tools/bench/boot.sh` runs it.
 //!
 //!   boot-bench [--boots N] [--accel tcg|kvm|auto] [--memory MIB] [--shared]
+//!              [--guest-dir DIR]
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nutshell_runtime::agent::DialOptions;
 use nutshell_runtime::hypervisor::qemu::QemuHypervisor;
-use nutshell_runtime::hypervisor::{Accel, VmConfig};
+use nutshell_runtime::hypervisor::{Accel, VmConfig, GUEST_ASSETS_DIR};
 use nutshell_runtime::sandbox::Sandbox;
 
 struct Args {
@@ -17,6 +19,7 @@ struct Args {
     accel: Accel,
     memory_mib: u32,
     shared: bool,
+    guest_dir: PathBuf,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -25,6 +28,7 @@ fn parse_args() -> Result<Args, String> {
         accel: Accel::Tcg,
         memory_mib: 256,
         shared: false,
+        guest_dir: PathBuf::from(GUEST_ASSETS_DIR),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -34,6 +38,7 @@ fn parse_args() -> Result<Args, String> {
             "--accel" => a.accel = value()?.parse().map_err(|e| format!("--accel: {e}"))?,
             "--memory" => a.memory_mib = value()?.parse().map_err(|e| format!("--memory: {e}"))?,
             "--shared" => a.shared = true,
+            "--guest-dir" => a.guest_dir = value()?.into(),
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -93,6 +98,8 @@ async fn main() {
         let mut config = VmConfig::new(&id, tmp.join(&id));
         config.accel = args.accel;
         config.memory_mib = args.memory_mib;
+        config.kernel = args.guest_dir.join("vmlinux");
+        config.initrd = args.guest_dir.join("initramfs.cpio.gz");
         config.shared_dir = args.shared.then(|| shared.clone());
         let t = Instant::now();
         let sandbox = match Sandbox::start(&hv, &config, &dial).await {

@@ -5,6 +5,7 @@
 # tree (QEMU + vhost-device-vsock [+ virtiofsd]), shutdown time.
 #
 #   tools/bench/boot.sh [--boots N] [--accel tcg|kvm|auto] [--memory MIB] [--shared]
+#                       [--guest-dir DIR]
 #
 # Needs root, the installed guest image (/usr/share/nutshell) and the VM
 # backends (tools/setup.sh). Targets (issue 3): boot p50 <= 2 s wall under
@@ -13,5 +14,5 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo build -q -p nutshell-runtime --example boot-bench
 echo "host: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg); qemu: $(qemu-system-x86_64 --version | head -1)"
-echo "guest: $(cat /usr/share/nutshell/VERSION 2>/dev/null || echo '?')"
+echo "guest: $(cat "${NUTSHELL_GUEST_DIR:-/usr/share/nutshell}/VERSION" 2>/dev/null || echo '?')"
 exec target/debug/examples/boot-bench "$@"

@@ -111,8 +111,8 @@ pub struct VmExit {
     pub pid: u32,
     /// How it ended.
     pub status: ProcessStatus,
-    /// The runtime had asked the VM to stop (shutdown, kill, or the handle
-    /// was dropped) before it ended.
+    /// The runtime had signalled the VM's processes (shutdown after its
+    /// grace, kill, or the handle was dropped) before it ended.
     pub requested: bool,
     /// Its last stderr lines, sanitised.
     pub stderr_tail: Vec<String>,
@@ -121,10 +121,11 @@ pub struct VmExit {
 }
 
 impl VmExit {
-    /// The VMM ended by itself with status 0: the guest powered off or
-    /// rebooted (`-no-reboot`), as it does after DestroySandbox.
+    /// The VMM ended by itself with status 0, unsignalled: the guest
+    /// rebooted (`-no-reboot`), as it does after DestroySandbox. (QEMU also
+    /// exits 0 on SIGTERM, hence the `requested` check.)
     pub fn is_clean_poweroff(&self) -> bool {
-        self.role == ProcessRole::Vmm && self.status == ProcessStatus::Exited(0)
+        self.role == ProcessRole::Vmm && self.status == ProcessStatus::Exited(0) && !self.requested
     }
 }
 
