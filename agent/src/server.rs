@@ -120,12 +120,14 @@ impl Agent for AgentService {
         _: pb::DestroySandboxRequest,
     ) -> ttrpc::Result<pb::Empty> {
         self.engine.destroy_all().await;
-        let tx = self.shutdown.clone();
-        // Give the reply time to leave before the guest powers off.
-        tokio::spawn(async move {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            let _ = tx.send("DestroySandbox".to_string()).await;
-        });
+        if self.pid1 {
+            let tx = self.shutdown.clone();
+            // Give the reply time to leave before the guest powers off.
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                let _ = tx.send("DestroySandbox".to_string()).await;
+            });
+        }
         Ok(pb::Empty::default())
     }
 

@@ -37,11 +37,17 @@ fn prerequisites() -> Option<PathBuf> {
     if !require(is_root(), "needs root (namespaces, mounts)") {
         return None;
     }
-    if !require(Path::new(BUSYBOX).is_file(), "needs /bin/busybox (busybox-static)") {
+    if !require(
+        Path::new(BUSYBOX).is_file(),
+        "needs /bin/busybox (busybox-static)",
+    ) {
         return None;
     }
     let bin = agent_binary();
-    if !require(bin.is_some(), "needs the nutshell-agent binary (cargo build -p nutshell-agent)") {
+    if !require(
+        bin.is_some(),
+        "needs the nutshell-agent binary (cargo build -p nutshell-agent)",
+    ) {
         return None;
     }
     bin
@@ -50,7 +56,10 @@ fn prerequisites() -> Option<PathBuf> {
 impl Agent {
     async fn start() -> Option<Self> {
         let bin = prerequisites()?;
-        let dir = tempfile::Builder::new().prefix("nutshell-agent-test").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("nutshell-agent-test")
+            .tempdir()
+            .unwrap();
         let sock = dir.path().join("agent.sock");
         let child = Command::new(&bin)
             .arg("--listen")
@@ -62,16 +71,27 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(10);
         let client = loop {
             if sock.exists() {
-                if let Ok(c) = ttrpc::r#async::Client::connect(&format!("unix://{}", sock.display())).await {
+                if let Ok(c) =
+                    ttrpc::r#async::Client::connect(&format!("unix://{}", sock.display())).await
+                {
                     break AgentClient::new(c);
                 }
             }
-            assert!(Instant::now() < deadline, "the agent did not listen on {} within 10 s", sock.display());
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not listen on {} within 10 s",
+                sock.display()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let rootfs = dir.path().join("rootfs");
         busybox_rootfs(&rootfs).unwrap();
-        let agent = Self { child, dir, sock, client };
+        let agent = Self {
+            child,
+            dir,
+            sock,
+            client,
+        };
         agent.health().await;
         Some(agent)
     }
@@ -85,21 +105,47 @@ impl Agent {
     }
 
     async fn new_client(&self) -> AgentClient {
-        AgentClient::new(ttrpc::r#async::Client::connect(&format!("unix://{}", self.sock.display())).await.unwrap())
+        AgentClient::new(
+            ttrpc::r#async::Client::connect(&format!("unix://{}", self.sock.display()))
+                .await
+                .unwrap(),
+        )
     }
 
     async fn health(&self) {
-        let h = self.client.health(ctx(), &pb::HealthRequest::new()).await.expect("the agent answers Health");
+        let h = self
+            .client
+            .health(ctx(), &pb::HealthRequest::new())
+            .await
+            .expect("the agent answers Health");
         assert_eq!(h.status, "SERVING");
     }
 
-    async fn create(&self, id: &str, spec: &Value, stdin: bool) -> ttrpc::Result<pb::CreateContainerResponse> {
-        let req = pb::CreateContainerRequest { container_id: id.into(), spec_json: serde_json::to_vec(spec).unwrap(), stdin, ..Default::default() };
+    async fn create(
+        &self,
+        id: &str,
+        spec: &Value,
+        stdin: bool,
+    ) -> ttrpc::Result<pb::CreateContainerResponse> {
+        let req = pb::CreateContainerRequest {
+            container_id: id.into(),
+            spec_json: serde_json::to_vec(spec).unwrap(),
+            stdin,
+            ..Default::default()
+        };
         self.client.create_container(ctx(), &req).await
     }
 
     async fn start_c(&self, id: &str) -> ttrpc::Result<pb::Empty> {
-        self.client.start_container(ctx(), &pb::StartContainerRequest { container_id: id.into(), ..Default::default() }).await
+        self.client
+            .start_container(
+                ctx(),
+                &pb::StartContainerRequest {
+                    container_id: id.into(),
+                    ..Default::default()
+                },
+            )
+            .await
     }
 
     async fn run(&self, id: &str, spec: &Value) {
@@ -108,12 +154,21 @@ impl Agent {
     }
 
     async fn wait(&self, id: &str, exec_id: &str) -> pb::WaitProcessResponse {
-        let req = pb::WaitProcessRequest { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() };
+        let req = pb::WaitProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
         self.client.wait_process(ctx(), &req).await.unwrap()
     }
 
     async fn read_chunk(&self, id: &str, exec_id: &str, stderr: bool) -> pb::ReadOutputResponse {
-        let req = pb::ReadOutputRequest { container_id: id.into(), exec_id: exec_id.into(), max_bytes: 65536, ..Default::default() };
+        let req = pb::ReadOutputRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            max_bytes: 65536,
+            ..Default::default()
+        };
         if stderr {
             self.client.read_stderr(ctx(), &req).await.unwrap()
         } else {
@@ -147,22 +202,52 @@ impl Agent {
     }
 
     async fn signal(&self, id: &str, exec_id: &str, sig: u32) {
-        let req = pb::SignalProcessRequest { container_id: id.into(), exec_id: exec_id.into(), signal: sig, ..Default::default() };
+        let req = pb::SignalProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            signal: sig,
+            ..Default::default()
+        };
         self.client.signal_process(ctx(), &req).await.unwrap();
     }
 
     async fn remove(&self, id: &str) {
-        self.client.remove_container(ctx(), &pb::RemoveContainerRequest { container_id: id.into(), ..Default::default() }).await.unwrap();
+        self.client
+            .remove_container(
+                ctx(),
+                &pb::RemoveContainerRequest {
+                    container_id: id.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
     }
 
-    async fn exec(&self, id: &str, exec_id: &str, args: &[&str], stdin: bool) -> ttrpc::Result<pb::ExecProcessResponse> {
+    async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        args: &[&str],
+        stdin: bool,
+    ) -> ttrpc::Result<pb::ExecProcessResponse> {
         let process = json!({ "args": args, "cwd": "/", "user": { "uid": 0, "gid": 0 }, "env": ["PATH=/bin:/sbin:/usr/bin"] });
-        let req = pb::ExecProcessRequest { container_id: id.into(), exec_id: exec_id.into(), process_json: serde_json::to_vec(&process).unwrap(), stdin, ..Default::default() };
+        let req = pb::ExecProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            process_json: serde_json::to_vec(&process).unwrap(),
+            stdin,
+            ..Default::default()
+        };
         self.client.exec_process(ctx(), &req).await
     }
 
     /// Runs a container to its end: (exit, stdout, stderr), then removes it.
-    async fn run_to_end(&self, id: &str, spec: &Value) -> (pb::WaitProcessResponse, String, String) {
+    async fn run_to_end(
+        &self,
+        id: &str,
+        spec: &Value,
+    ) -> (pb::WaitProcessResponse, String, String) {
         self.run(id, spec).await;
         let out = self.read_all(id, "", false).await;
         let err = self.read_all(id, "", true).await;
@@ -173,8 +258,20 @@ impl Agent {
 }
 
 const ALL_CAPS: [&str; 14] = [
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
 ];
 
 /// A spec like `runc spec` makes, for the busybox rootfs.
@@ -223,8 +320,12 @@ fn status_of(e: &ttrpc::Error) -> (ttrpc::Code, String) {
 
 #[tokio::test]
 async fn echo_is_captured_and_exit_codes_come_back() {
-    let Some(a) = Agent::start().await else { return };
-    let (exit, out, err) = a.run_to_end("echo", &sh(&a, "echo hello; echo oops >&2")).await;
+    let Some(a) = Agent::start().await else {
+        return;
+    };
+    let (exit, out, err) = a
+        .run_to_end("echo", &sh(&a, "echo hello; echo oops >&2"))
+        .await;
     assert_eq!((exit.exit_status, exit.signal), (0, 0));
     assert_eq!(out, "hello\n");
     assert_eq!(err, "oops\n");
@@ -235,7 +336,9 @@ async fn echo_is_captured_and_exit_codes_come_back() {
 
 #[tokio::test]
 async fn sigkill_gives_the_signal_status() {
-    let Some(a) = Agent::start().await else { return };
+    let Some(a) = Agent::start().await else {
+        return;
+    };
     a.run("kill", &spec(&a.rootfs(), &["sleep", "100"])).await;
     a.signal("kill", "", 9).await;
     let exit = a.wait("kill", "").await;
@@ -245,12 +348,29 @@ async fn sigkill_gives_the_signal_status() {
 
 #[tokio::test]
 async fn stdin_is_piped_through_cat() {
-    let Some(a) = Agent::start().await else { return };
-    a.create("cat", &spec(&a.rootfs(), &["cat"]), true).await.unwrap();
+    let Some(a) = Agent::start().await else {
+        return;
+    };
+    a.create("cat", &spec(&a.rootfs(), &["cat"]), true)
+        .await
+        .unwrap();
     a.start_c("cat").await.unwrap();
-    let w = pb::WriteStdinRequest { container_id: "cat".into(), data: b"through the pipe\n".to_vec(), ..Default::default() };
+    let w = pb::WriteStdinRequest {
+        container_id: "cat".into(),
+        data: b"through the pipe\n".to_vec(),
+        ..Default::default()
+    };
     assert_eq!(a.client.write_stdin(ctx(), &w).await.unwrap().written, 17);
-    a.client.close_stdin(ctx(), &pb::CloseStdinRequest { container_id: "cat".into(), ..Default::default() }).await.unwrap();
+    a.client
+        .close_stdin(
+            ctx(),
+            &pb::CloseStdinRequest {
+                container_id: "cat".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!(a.read_all("cat", "", false).await, "through the pipe\n");
     assert_eq!(a.wait("cat", "").await.exit_status, 0);
     a.remove("cat").await;
@@ -258,16 +378,27 @@ async fn stdin_is_piped_through_cat() {
 
 #[tokio::test]
 async fn terminal_session_with_resize() {
-    let Some(a) = Agent::start().await else { return };
+    let Some(a) = Agent::start().await else {
+        return;
+    };
     let mut s = sh(&a, "tty; read x; stty size; exit 0");
     s["process"]["terminal"] = json!(true);
     a.create("tty", &s, true).await.unwrap();
     a.start_c("tty").await.unwrap();
     let first = a.read_until("tty", "", "/dev/pts/").await;
     assert!(first.contains("/dev/pts/"), "tty printed {first:?}");
-    let r = pb::ResizeTerminalRequest { container_id: "tty".into(), rows: 42, cols: 123, ..Default::default() };
+    let r = pb::ResizeTerminalRequest {
+        container_id: "tty".into(),
+        rows: 42,
+        cols: 123,
+        ..Default::default()
+    };
     a.client.resize_terminal(ctx(), &r).await.unwrap();
-    let w = pb::WriteStdinRequest { container_id: "tty".into(), data: b"go\n".to_vec(), ..Default::default() };
+    let w = pb::WriteStdinRequest {
+        container_id: "tty".into(),
+        data: b"go\n".to_vec(),
+        ..Default::default()
+    };
     a.client.write_stdin(ctx(), &w).await.unwrap();
     let rest = a.read_until("tty", "", "42 123").await;
     assert!(rest.contains("42 123"), "stty size printed {rest:?}");
@@ -277,36 +408,74 @@ async fn terminal_session_with_resize() {
 
 #[tokio::test]
 async fn exec_shares_the_pid_namespace_and_the_init_is_pid_1() {
-    let Some(a) = Agent::start().await else { return };
+    let Some(a) = Agent::start().await else {
+        return;
+    };
     a.run("ex", &sh(&a, "echo pid=$$; exec sleep 100")).await;
     assert!(a.read_until("ex", "", "pid=").await.contains("pid=1"));
-    a.exec("ex", "e1", &["sh", "-c", "cat /proc/1/cmdline; echo; echo me=$$"], false).await.unwrap();
+    a.exec(
+        "ex",
+        "e1",
+        &["sh", "-c", "cat /proc/1/cmdline; echo; echo me=$$"],
+        false,
+    )
+    .await
+    .unwrap();
     let out = a.read_all("ex", "e1", false).await;
     assert!(out.starts_with("sleep"), "pid 1 seen by the exec: {out:?}");
     assert!(!out.contains("me=1\n"), "the exec is not pid 1: {out:?}");
     assert_eq!(a.wait("ex", "e1").await.exit_status, 0);
     let e = a.exec("ex", "e1", &["true"], false).await.unwrap_err();
     assert_eq!(status_of(&e).0, ttrpc::Code::ALREADY_EXISTS);
-    let procs = a.client.list_processes(ctx(), &pb::ListProcessesRequest { container_id: "ex".into(), ..Default::default() }).await.unwrap();
-    assert_eq!(procs.processes.len(), 1, "only the sleep is left: {:?}", procs.processes);
+    let procs = a
+        .client
+        .list_processes(
+            ctx(),
+            &pb::ListProcessesRequest {
+                container_id: "ex".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        procs.processes.len(),
+        1,
+        "only the sleep is left: {:?}",
+        procs.processes
+    );
     a.remove("ex").await;
 }
 
 #[tokio::test]
 async fn hostname_is_isolated() {
-    let Some(a) = Agent::start().await else { return };
+    let Some(a) = Agent::start().await else {
+        return;
+    };
     let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
     assert_ne!(host, "nutshell-test");
     let (exit, out, _) = a.run_to_end("host", &sh(&a, "hostname")).await;
     assert_eq!(exit.exit_status, 0);
     assert_eq!(out, "nutshell-test\n");
-    assert_eq!(nix::unistd::gethostname().unwrap().into_string().unwrap(), host);
+    assert_eq!(
+        nix::unistd::gethostname().unwrap().into_string().unwrap(),
+        host
+    );
 }
 
 #[tokio::test]
 async fn signals_reach_the_process() {
-    let Some(a) = Agent::start().await else { return };
-    a.run("trap", &sh(&a, "trap 'echo got TERM; exit 7' TERM; echo ready; while true; do sleep 0.1; done")).await;
+    let Some(a) = Agent::start().await else {
+        return;
+    };
+    a.run(
+        "trap",
+        &sh(
+            &a,
+            "trap 'echo got TERM; exit 7' TERM; echo ready; while true; do sleep 0.1; done",
+        ),
+    )
+    .await;
     assert!(a.read_until("trap", "", "ready").await.contains("ready"));
     a.signal("trap", "", 15).await;
     assert!(a.read_all("trap", "", false).await.contains("got TERM"));
@@ -316,7 +485,9 @@ async fn signals_reach_the_process() {
 
 #[tokio::test]
 async fn readonly_rootfs_refuses_writes() {
-    let Some(a) = Agent::start().await else { return };
+    let Some(a) = Agent::start().await else {
+        return;
+    };
     let mut s = sh(&a, "touch /written");
     s["root"]["readonly"] = json!(true);
     let (exit, _, err) = a.run_to_end("ro", &s).await;
@@ -331,7 +502,9 @@ async fn readonly_rootfs_refuses_writes() {
 
 #[tokio::test]
 async fn seccomp_rule_denies_mkdir_with_eperm() {
-    let Some(a) = Agent::start().await else { return };
+    let Some(a) = Agent::start().await else {
+        return;
+    };
     let mut s = sh(&a, "mkdir /tmp/denied");
     s["linux"]["seccomp"] = json!({
         "defaultAction": "SCMP_ACT_ALLOW",
@@ -347,12 +520,18 @@ async fn seccomp_rule_denies_mkdir_with_eperm() {
 
 #[tokio::test]
 async fn a_dropped_cap_chown_prevents_chown() {
-    let Some(a) = Agent::start().await else { return };
+    let Some(a) = Agent::start().await else {
+        return;
+    };
     let script = "touch /tmp/f && chown 65534 /tmp/f";
     let (exit, _, _) = a.run_to_end("chown-ok", &sh(&a, script)).await;
     assert_eq!(exit.exit_status, 0, "chown works with CAP_CHOWN");
     let mut s = sh(&a, script);
-    let caps: Vec<&str> = ALL_CAPS.iter().copied().filter(|c| *c != "CAP_CHOWN").collect();
+    let caps: Vec<&str> = ALL_CAPS
+        .iter()
+        .copied()
+        .filter(|c| *c != "CAP_CHOWN")
+        .collect();
     for set in ["bounding", "effective", "permitted"] {
         s["process"]["capabilities"][set] = json!(caps);
     }
@@ -363,19 +542,35 @@ async fn a_dropped_cap_chown_prevents_chown() {
 
 #[tokio::test]
 async fn bad_input_gets_clear_errors_and_the_agent_keeps_serving() {
-    let Some(a) = Agent::start().await else { return };
-    let (code, msg) = status_of(&a.create("bad", &json!("not a spec"), false).await.unwrap_err());
+    let Some(a) = Agent::start().await else {
+        return;
+    };
+    let (code, msg) = status_of(
+        &a.create("bad", &json!("not a spec"), false)
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT, "{msg}");
     assert!(msg.contains("malformed"), "{msg}");
-    let raw = pb::CreateContainerRequest { container_id: "bad".into(), spec_json: b"{\"ociVersion\":".to_vec(), ..Default::default() };
-    assert_eq!(status_of(&a.client.create_container(ctx(), &raw).await.unwrap_err()).0, ttrpc::Code::INVALID_ARGUMENT);
+    let raw = pb::CreateContainerRequest {
+        container_id: "bad".into(),
+        spec_json: b"{\"ociVersion\":".to_vec(),
+        ..Default::default()
+    };
+    assert_eq!(
+        status_of(&a.client.create_container(ctx(), &raw).await.unwrap_err()).0,
+        ttrpc::Code::INVALID_ARGUMENT
+    );
     a.health().await;
 
     let mut s = sh(&a, "true");
     s["linux"]["namespaces"] = json!([{ "type": "mount" }, { "type": "user" }]);
     let (code, msg) = status_of(&a.create("userns", &s, false).await.unwrap_err());
     assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
-    assert!(msg.contains("user") && msg.contains("not supported"), "{msg}");
+    assert!(
+        msg.contains("user") && msg.contains("not supported"),
+        "{msg}"
+    );
 
     let (code, msg) = status_of(&a.start_c("nobody").await.unwrap_err());
     assert_eq!(code, ttrpc::Code::NOT_FOUND);
@@ -387,61 +582,139 @@ async fn bad_input_gets_clear_errors_and_the_agent_keeps_serving() {
     assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
     assert!(msg.contains("/no/such/rootfs"), "{msg}");
 
-    let (code, msg) = status_of(&a.create("noexec", &spec(&a.rootfs(), &["/no/such/binary"]), false).await.unwrap_err());
+    let (code, msg) = status_of(
+        &a.create("noexec", &spec(&a.rootfs(), &["/no/such/binary"]), false)
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
-    assert!(msg.contains("/no/such/binary") && msg.contains("no such file or directory"), "{msg}");
+    assert!(
+        msg.contains("/no/such/binary") && msg.contains("no such file or directory"),
+        "{msg}"
+    );
 
-    a.create("dup", &spec(&a.rootfs(), &["sleep", "100"]), false).await.unwrap();
-    let (code, _) = status_of(&a.create("dup", &spec(&a.rootfs(), &["sleep", "100"]), false).await.unwrap_err());
+    a.create("dup", &spec(&a.rootfs(), &["sleep", "100"]), false)
+        .await
+        .unwrap();
+    let (code, _) = status_of(
+        &a.create("dup", &spec(&a.rootfs(), &["sleep", "100"]), false)
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(code, ttrpc::Code::ALREADY_EXISTS);
     a.start_c("dup").await.unwrap();
-    let (code, msg) = status_of(&a.exec("dup", "x", &["/no/such/tool"], false).await.unwrap_err());
+    let (code, msg) = status_of(
+        &a.exec("dup", "x", &["/no/such/tool"], false)
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
-    assert!(msg.contains("/no/such/tool") && msg.contains("no such file or directory"), "{msg}");
+    assert!(
+        msg.contains("/no/such/tool") && msg.contains("no such file or directory"),
+        "{msg}"
+    );
     let (code, _) = status_of(&a.start_c("dup").await.unwrap_err());
     assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
 
     // Without cgroup v2, resources must be refused, never silently ignored.
-    if !std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.contains(" /sys/fs/cgroup ") && l.contains(" - cgroup2 ")) {
+    if !std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains(" /sys/fs/cgroup ") && l.contains(" - cgroup2 "))
+    {
         let mut s = sh(&a, "true");
         s["linux"]["resources"] = json!({ "memory": { "limit": 67108864 } });
         let (code, msg) = status_of(&a.create("limits", &s, false).await.unwrap_err());
         assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
         assert!(msg.contains("cgroup v2"), "{msg}");
-        let (code, msg) = status_of(&a.client.pause_container(ctx(), &pb::ContainerRequest { container_id: "dup".into(), ..Default::default() }).await.unwrap_err());
+        let (code, msg) = status_of(
+            &a.client
+                .pause_container(
+                    ctx(),
+                    &pb::ContainerRequest {
+                        container_id: "dup".into(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap_err(),
+        );
         assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
         assert!(msg.contains("cgroup v2"), "{msg}");
-        assert!(a.client.stats_container(ctx(), &pb::ContainerRequest { container_id: "dup".into(), ..Default::default() }).await.is_err());
+        assert!(a
+            .client
+            .stats_container(
+                ctx(),
+                &pb::ContainerRequest {
+                    container_id: "dup".into(),
+                    ..Default::default()
+                }
+            )
+            .await
+            .is_err());
     }
 
     // An oversized message (over ttrpc's 4 MiB) fails; the agent serves on.
-    let big = pb::CreateContainerRequest { container_id: "big".into(), spec_json: vec![b' '; 5 << 20], ..Default::default() };
+    let big = pb::CreateContainerRequest {
+        container_id: "big".into(),
+        spec_json: vec![b' '; 5 << 20],
+        ..Default::default()
+    };
     assert!(a.client.create_container(ctx(), &big).await.is_err());
-    a.new_client().await.health(ctx(), &pb::HealthRequest::new()).await.expect("a fresh client is served after an oversized message");
+    a.new_client()
+        .await
+        .health(ctx(), &pb::HealthRequest::new())
+        .await
+        .expect("a fresh client is served after an oversized message");
 
     // A client that goes away in the middle of a blocking read.
     {
         let c = a.new_client().await;
-        let req = pb::ReadOutputRequest { container_id: "dup".into(), max_bytes: 10, ..Default::default() };
+        let req = pb::ReadOutputRequest {
+            container_id: "dup".into(),
+            max_bytes: 10,
+            ..Default::default()
+        };
         let read = tokio::spawn(async move { c.read_stdout(ctx(), &req).await });
         tokio::time::sleep(Duration::from_millis(200)).await;
         read.abort();
     }
-    a.new_client().await.health(ctx(), &pb::HealthRequest::new()).await.unwrap();
+    a.new_client()
+        .await
+        .health(ctx(), &pb::HealthRequest::new())
+        .await
+        .unwrap();
     a.remove("dup").await;
-    let (code, _) = status_of(&a.client.remove_container(ctx(), &pb::RemoveContainerRequest { container_id: "dup".into(), ..Default::default() }).await.unwrap_err());
+    let (code, _) = status_of(
+        &a.client
+            .remove_container(
+                ctx(),
+                &pb::RemoveContainerRequest {
+                    container_id: "dup".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(code, ttrpc::Code::NOT_FOUND);
 }
 
 fn cap_sys_resource(pid: i32) -> bool {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
     u64::from_str_radix(eff, 16).unwrap() & (1 << 24) != 0
 }
 
 #[tokio::test]
 async fn a_refused_oom_score_adj_is_an_error_naming_it() {
-    let Some(a) = Agent::start().await else { return };
+    let Some(a) = Agent::start().await else {
+        return;
+    };
     let mut s = sh(&a, "cat /proc/self/oom_score_adj");
     s["process"]["oomScoreAdj"] = json!(-999);
     if cap_sys_resource(a.pid()) {
@@ -449,7 +722,10 @@ async fn a_refused_oom_score_adj_is_an_error_naming_it() {
         assert_eq!((exit.exit_status, out.trim()), (0, "-999"));
     } else {
         let (code, msg) = status_of(&a.create("oom", &s, false).await.unwrap_err());
-        assert!(msg.contains("oomScoreAdj") && msg.contains("-999"), "{code:?} {msg}");
+        assert!(
+            msg.contains("oomScoreAdj") && msg.contains("-999"),
+            "{code:?} {msg}"
+        );
         a.health().await;
     }
 }
@@ -458,10 +734,21 @@ async fn a_refused_oom_score_adj_is_an_error_naming_it() {
 fn descendants(root: i32) -> Vec<i32> {
     let mut parent_of = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let Some(after) = stat.rsplit_once(") ") else { continue };
-        let ppid = after.1.split_whitespace().nth(1).and_then(|p| p.parse::<i32>().ok()).unwrap_or(0);
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(after) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let ppid = after
+            .1
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<i32>().ok())
+            .unwrap_or(0);
         parent_of.push((pid, ppid));
     }
     let mut found = vec![root];
@@ -476,16 +763,23 @@ fn descendants(root: i32) -> Vec<i32> {
 }
 
 fn count_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 fn count_mounts() -> usize {
-    std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count()
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count()
 }
 
 #[tokio::test]
 async fn hundred_cycles_leave_nothing_behind() {
-    let Some(a) = Agent::start().await else { return };
+    let Some(a) = Agent::start().await else {
+        return;
+    };
     let s = spec(&a.rootfs(), &["true"]);
     // One warm-up cycle: the runtime's lazily created descriptors.
     a.run_to_end("warm", &s).await;
@@ -499,4 +793,58 @@ async fn hundred_cycles_leave_nothing_behind() {
     assert_eq!(count_fds(a.pid()), fds, "descriptors left behind");
     assert_eq!(count_mounts(), mounts, "mounts left behind");
     a.health().await;
+}
+
+#[tokio::test]
+async fn sandbox_containers_share_net_ipc_uts_but_not_mounts() {
+    let Some(a) = Agent::start().await else {
+        return;
+    };
+    let req = pb::CreateSandboxRequest {
+        sandbox_id: "pod".into(),
+        hostname: "pod-host".into(),
+        shared_dir: a.dir.path().display().to_string(),
+        ..Default::default()
+    };
+    a.client.create_sandbox(ctx(), &req).await.unwrap();
+    let (code, _) = status_of(&a.client.create_sandbox(ctx(), &req).await.unwrap_err());
+    assert_eq!(code, ttrpc::Code::ALREADY_EXISTS);
+    let script =
+        "hostname; for n in net ipc uts mnt; do readlink /proc/self/ns/$n; done; sleep 100";
+    let mut first = sh(&a, script);
+    first["hostname"] = Value::Null;
+    // Relative rootfs paths resolve in <shared_dir>/<container id>.
+    std::fs::create_dir(a.dir.path().join("pause")).unwrap();
+    first["root"]["path"] = json!("../rootfs");
+    a.run("pause", &first).await;
+    let mut second = sh(&a, script);
+    second["hostname"] = Value::Null;
+    a.run("app", &second).await;
+    let lines = |s: String| s.lines().map(str::to_string).collect::<Vec<_>>();
+    let p = lines(a.read_until("pause", "", "mnt:").await);
+    let q = lines(a.read_until("app", "", "mnt:").await);
+    assert_eq!((p[0].as_str(), q[0].as_str()), ("pod-host", "pod-host"));
+    assert_eq!(p[1..4], q[1..4], "net, ipc and uts are shared");
+    assert_ne!(p[4], q[4], "mount namespaces are not");
+    a.client
+        .destroy_sandbox(ctx(), &pb::DestroySandboxRequest::new())
+        .await
+        .unwrap();
+    let (code, _) = status_of(&a.start_c("app").await.unwrap_err());
+    assert_eq!(
+        code,
+        ttrpc::Code::NOT_FOUND,
+        "DestroySandbox removed the containers"
+    );
+    assert!(
+        descendants(a.pid()).is_empty(),
+        "no process left: {:?}",
+        descendants(a.pid())
+    );
+    let d = a
+        .client
+        .guest_details(ctx(), &pb::GuestDetailsRequest::new())
+        .await
+        .unwrap();
+    assert!(!d.pid1 && d.cpus >= 1 && d.mem_total_bytes > 0 && !d.kernel_release.is_empty());
 }
