@@ -29,7 +29,7 @@ file_list() {
     local dirs=() links=() applet
     while IFS= read -r applet; do
       [[ -z $applet || $applet == bin/busybox ]] && continue
-      dirs+=("/$(dirname "$applet")")
+      [[ $applet == */* ]] && dirs+=("/${applet%/*}")
       links+=("slink /$applet /bin/busybox 0777 0 0")
     done < <("$BUSYBOX" --list-full)
     echo "dir /bin 0755 0 0"

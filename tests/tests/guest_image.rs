@@ -141,6 +141,12 @@ const S_IFDIR: u32 = 0o040000;
 const S_IFCHR: u32 = 0o020000;
 const S_IFLNK: u32 = 0o120000;
 
+/// A symlink's target. gen_init_cpio stores it with its terminating NUL
+/// (the kernel's unpacker accepts both).
+fn link_target(e: &CpioEntry) -> &[u8] {
+    e.data.strip_suffix(&[0]).unwrap_or(&e.data)
+}
+
 fn gunzip(path: &Path) -> Vec<u8> {
     let out = Command::new("gzip")
         .arg("-dc")
@@ -256,13 +262,13 @@ fn debug_initramfs_adds_busybox_with_a_shell() {
     assert_eq!(busybox.mode & S_IFMT, S_IFREG);
     let sh = &entries["bin/sh"];
     assert_eq!(sh.mode & S_IFMT, S_IFLNK, "/bin/sh is not a symlink");
-    assert_eq!(sh.data, b"/bin/busybox");
+    assert_eq!(link_target(sh), b"/bin/busybox");
     // Everything beyond the production image is busybox or a link to it.
     for (name, e) in &entries {
         let production = ["dev", "dev/console", "init"].contains(&name.as_str());
         let busybox_part = e.mode & S_IFMT == S_IFDIR
             || name == "bin/busybox"
-            || (e.mode & S_IFMT == S_IFLNK && e.data == b"/bin/busybox");
+            || (e.mode & S_IFMT == S_IFLNK && link_target(e) == b"/bin/busybox");
         assert!(
             production || busybox_part,
             "unexpected {name} in the debug initramfs"
@@ -277,8 +283,10 @@ fn debug_initramfs_adds_busybox_with_a_shell() {
 /// runtime's tests.
 #[test]
 fn boots_under_tcg_to_the_agent_serving() {
-    let (Some(vmlinux), Some(initramfs)) = (guest_file("vmlinux"), guest_file("initramfs.cpio.gz"))
-    else {
+    let Some(vmlinux) = guest_file("vmlinux") else {
+        return;
+    };
+    let Some(initramfs) = guest_file("initramfs.cpio.gz") else {
         return;
     };
     let Some(qemu) = which("qemu-system-x86_64") else {
