@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -16,10 +17,14 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::layout::{SERIAL_IRQ, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::arch::{cpuid, regs};
 use crate::boot::{self, linux, BootEntry};
-use crate::config::{BootSource, SerialOutput, VmConfig};
+use crate::config::{BootSource, SerialOutput, VirtioDeviceConfig, VmConfig};
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{ConsoleWriter, SerialDevice, SharedTail, COM1_BASE, COM1_LEN};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::{self, MmioTransport};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{PauseGate, Vcpu, VcpuError, VcpuHandle, VcpuShared};
@@ -61,6 +66,9 @@ pub enum VmmError {
     /// Registering an irqfd or ioeventfd with KVM failed.
     #[error("Failed to {0}.")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// A device's host side could not be opened.
+    #[error("Failed to open the device backend {0}.")]
+    Device(std::path::PathBuf, #[source] std::io::Error),
     /// The event loop failed.
     #[error("The event loop failed: {0:?}")]
     EventLoop(event_manager::Error),
@@ -194,11 +202,6 @@ impl Vmm {
                 config.memory_mib
             )));
         }
-        if !config.devices.is_empty() {
-            return Err(VmmError::Config(
-                "virtio devices are not supported yet".into(),
-            ));
-        }
         let mem_size = config.memory_mib << 20;
         let vm = Vm::new()?;
         let mem = create_guest_memory(mem_size)?;
@@ -237,7 +240,16 @@ impl Vmm {
         for (base, len, dev) in extra {
             mmio_bus.insert(dev, base, len)?;
         }
-        let _ = (VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VIRTIO_IRQ_BASE);
+        let mut subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> = Vec::new();
+        let mut cmdline_devices = Vec::new();
+        for (i, dev_config) in config.devices.iter().enumerate() {
+            let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+            let gsi = VIRTIO_IRQ_BASE + i as u32;
+            let transport = attach_virtio_device(&vm, &mem, dev_config, base, gsi, config.irqchip)?;
+            mmio_bus.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
+            subscribers.push(transport);
+            cmdline_devices.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        }
 
         let shared = VcpuShared {
             io_bus: Arc::new(io_bus),
@@ -255,7 +267,14 @@ impl Vmm {
         }
 
         let entry: BootEntry = match &config.boot {
-            BootSource::Linux(l) => linux::load(&mem, mem_size, l)?,
+            BootSource::Linux(l) => {
+                let mut l = l.clone();
+                for d in &cmdline_devices {
+                    l.cmdline.push(' ');
+                    l.cmdline.push_str(d);
+                }
+                linux::load(&mem, mem_size, &l)?
+            }
             BootSource::Payload {
                 code,
                 load_addr,
@@ -275,6 +294,9 @@ impl Vmm {
                 kicked: false,
             }));
         events.add_subscriber(control);
+        for sub in subscribers {
+            events.add_subscriber(sub);
+        }
 
         Ok(Vmm {
             vcpus,
@@ -347,6 +369,52 @@ impl Vmm {
             .reason()
             .unwrap_or_else(|| ExitReason::HostError("the VM stopped without a reason".into()))
     }
+}
+
+/// Creates the device model for `config`.
+fn create_device(config: &VirtioDeviceConfig) -> Result<Box<dyn VirtioDevice>, VmmError> {
+    Ok(match config {
+        VirtioDeviceConfig::Rng => Box::new(Rng::new()),
+        VirtioDeviceConfig::Block { path, read_only } => {
+            Box::new(Block::open(path, *read_only).map_err(|e| VmmError::Device(path.clone(), e))?)
+        }
+        VirtioDeviceConfig::Vsock { .. } => {
+            return Err(VmmError::Config(
+                "virtio-vsock is not implemented yet".into(),
+            ))
+        }
+    })
+}
+
+/// Puts a virtio device behind a virtio-mmio window at `base`, raising
+/// `gsi`: its irqfd, one ioeventfd per queue on `QueueNotify`.
+fn attach_virtio_device(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    config: &VirtioDeviceConfig,
+    base: u64,
+    gsi: u32,
+    irqchip: bool,
+) -> Result<Arc<Mutex<MmioTransport>>, VmmError> {
+    let device = create_device(config)?;
+    let irqfd = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("create an eventfd", e))?;
+    if irqchip {
+        vm.fd()
+            .register_irqfd(&irqfd, gsi)
+            .map_err(|e| VmmError::Kvm("register a virtio irqfd", e))?;
+    }
+    let transport = MmioTransport::new(device, mem.clone(), irqfd)
+        .map_err(|e| VmmError::Host("create a virtio-mmio transport", std::io::Error::other(e)))?;
+    for (i, evt) in transport.queue_evts().iter().enumerate() {
+        vm.fd()
+            .register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(base + mmio::reg::QUEUE_NOTIFY),
+                i as u32,
+            )
+            .map_err(|e| VmmError::Kvm("register a virtio queue ioeventfd", e))?;
+    }
+    Ok(Arc::new(Mutex::new(transport)))
 }
 
 /// Builds and runs a VM: the whole life of `nutshell-vmm`.
