@@ -32,6 +32,9 @@ pub use dial::{AgentAddress, DialOptions};
 /// Longest string field accepted from the agent (versions, kernel release,
 /// ids): anything longer is a misbehaving guest.
 const MAX_REPLY_STRING: usize = 4096;
+/// How long a call whose connection broke waits to learn whether the VM
+/// ended (its processes are reaped within milliseconds of dying).
+const BROKEN_LINK_GRACE: Duration = Duration::from_millis(500);
 /// Most processes a ListProcesses reply may name.
 const MAX_LISTED_PROCESSES: usize = 65536;
 
@@ -214,9 +217,25 @@ impl AgentClient {
         let Some(end) = &self.vm_end else {
             return bounded.await;
         };
-        tokio::select! {
+        let ended = |exit| AgentError::VmEnded {
+            during: name,
+            exit: Box::new(exit),
+        };
+        match tokio::select! {
             r = bounded => r,
-            exit = end.wait() => Err(AgentError::VmEnded { during: name, exit: Box::new(exit) }),
+            exit = end.wait() => return Err(ended(exit)),
+        } {
+            // The connection broke: when the VM is dying, its end (reaped a
+            // moment later) is the error worth reporting.
+            Err(AgentError::Rpc { source, .. })
+                if !matches!(source, ttrpc::Error::RpcStatus(_)) =>
+            {
+                match tokio::time::timeout(BROKEN_LINK_GRACE, end.wait()).await {
+                    Ok(exit) => Err(ended(exit)),
+                    Err(_) => Err(AgentError::Rpc { call: name, source }),
+                }
+            }
+            r => r,
         }
     }
 
@@ -755,6 +774,91 @@ mod tests {
         // Unimplemented calls carry the agent's code.
         let e = c.start_container("c").await.unwrap_err();
         assert_eq!(e.rpc_code(), Some(ttrpc::Code::NOT_FOUND));
+    }
+
+    /// A proxy in front of the fake agent whose link can be cut.
+    async fn cuttable(
+        dir: &std::path::Path,
+        to: AgentAddress,
+    ) -> (AgentAddress, tokio::task::JoinHandle<()>) {
+        let AgentAddress::Unix(target) = to else {
+            unreachable!()
+        };
+        let path = dir.join("proxy.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let link = tokio::spawn(async move {
+            let (mut a, _) = listener.accept().await.unwrap();
+            let mut b = tokio::net::UnixStream::connect(target).await.unwrap();
+            let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+        });
+        (AgentAddress::Unix(path), link)
+    }
+
+    #[tokio::test]
+    async fn a_broken_connection_of_a_dying_vm_reports_the_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_server, addr) = serve(dir.path(), nutshell_protocol::PROTOCOL_VERSION).await;
+        let (addr, link) = cuttable(dir.path(), addr).await;
+        let (end, watch) = VmEndWatch::for_test();
+        let c = AgentClient::connect(&addr, &opts(), Some(watch))
+            .await
+            .unwrap();
+        let waiter = {
+            let c = c.clone();
+            tokio::spawn(async move { c.wait_process("c", "").await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The link breaks first; the VM's end is published a moment later.
+        link.abort();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !waiter.is_finished(),
+            "the broken link was reported before the VM's end"
+        );
+        end(crate::hypervisor::supervisor::lost_supervisor());
+        let e = waiter.await.unwrap().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AgentError::VmEnded {
+                    during: "WaitProcess",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broken_connection_of_a_live_vm_is_an_rpc_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_server, addr) = serve(dir.path(), nutshell_protocol::PROTOCOL_VERSION).await;
+        let (addr, link) = cuttable(dir.path(), addr).await;
+        let (_end, watch) = VmEndWatch::for_test();
+        let c = AgentClient::connect(&addr, &opts(), Some(watch))
+            .await
+            .unwrap();
+        let waiter = {
+            let c = c.clone();
+            tokio::spawn(async move { c.wait_process("c", "").await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        link.abort();
+        let e = tokio::time::timeout(Duration::from_secs(3), waiter)
+            .await
+            .expect("a broken link left the call hanging")
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AgentError::Rpc {
+                    call: "WaitProcess",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[tokio::test]
