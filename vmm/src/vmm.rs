@@ -24,6 +24,7 @@ use crate::devices::serial::{ConsoleWriter, SerialDevice, SharedTail, COM1_BASE,
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
@@ -378,11 +379,13 @@ fn create_device(config: &VirtioDeviceConfig) -> Result<Box<dyn VirtioDevice>, V
         VirtioDeviceConfig::Block { path, read_only } => {
             Box::new(Block::open(path, *read_only).map_err(|e| VmmError::Device(path.clone(), e))?)
         }
-        VirtioDeviceConfig::Vsock { .. } => {
-            return Err(VmmError::Config(
-                "virtio-vsock is not implemented yet".into(),
-            ))
-        }
+        VirtioDeviceConfig::Vsock {
+            guest_cid,
+            uds_path,
+        } => Box::new(
+            Vsock::new(u64::from(*guest_cid), uds_path)
+                .map_err(|e| VmmError::Device(uds_path.clone(), e))?,
+        ),
     })
 }
 

@@ -9,6 +9,7 @@ pub mod mmio;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -123,7 +124,7 @@ pub trait VirtioDevice: Send {
     /// Host fds to watch from the start (e.g. a listening socket).
     fn init_host_events(&mut self, _ops: &mut EventOps) {}
     /// A host fd the device registered became ready.
-    fn host_event(&mut self, _fd: RawFd, _events: EventSet, _ops: &mut EventOps) {}
+    fn host_event(&mut self, _fd: RawFd, _events: EventSet) {}
 }
 
 /// Copies the `data.len()` bytes at `offset` of `config` into `data`, zeros
