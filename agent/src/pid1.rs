@@ -55,15 +55,22 @@ fn mount_fs(
     data: Option<&str>,
 ) -> Result<(), Pid1Error> {
     let _ = fs::create_dir_all(target);
-    mount(Some(source), target, Some(fstype), flags, data).map_err(|source| Pid1Error::Mount {
-        fstype: fstype.to_string(),
-        target: target.to_string(),
-        source,
-    })
+    match mount(Some(source), target, Some(fstype), flags, data) {
+        // Already mounted (devtmpfs by console_logging, or by the kernel).
+        Ok(()) | Err(nix::Error::EBUSY) => Ok(()),
+        Err(source) => Err(Pid1Error::Mount {
+            fstype: fstype.to_string(),
+            target: target.to_string(),
+            source,
+        }),
+    }
 }
 
 /// Logs go to the console. The kernel hands PID 1 /dev/console as its stdio
 /// when the initramfs has one; devtmpfs is mounted first so it exists.
+/// `NUTSHELL_AGENT_CONSOLE=<path>` (the kernel passes unknown `key=value`
+/// command-line words to init as environment) names another file, which
+/// also lets a test run the PID 1 path in a pid namespace and read the log.
 pub fn console_logging() {
     let _ = fs::create_dir_all("/dev");
     let _ = mount(
@@ -73,10 +80,13 @@ pub fn console_logging() {
         MsFlags::MS_NOSUID,
         None::<&str>,
     );
+    let path =
+        std::env::var("NUTSHELL_AGENT_CONSOLE").unwrap_or_else(|_| "/dev/console".to_string());
     if let Ok(console) = fs::OpenOptions::new()
         .read(true)
-        .write(true)
-        .open("/dev/console")
+        .append(true)
+        .create(path != "/dev/console")
+        .open(&path)
     {
         for fd in 0..3 {
             // SAFETY: dup2 onto the standard descriptors of this
@@ -88,6 +98,7 @@ pub fn console_logging() {
         .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(false)
         .without_time()
         .init();
 }
