@@ -14,6 +14,7 @@ mod console;
 mod memory;
 pub mod qemu;
 pub(crate) mod supervisor;
+pub(crate) mod vm;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,7 +23,7 @@ use async_trait::async_trait;
 
 pub use console::sanitize_line;
 pub use memory::{host_memory, HostMemory};
-pub use supervisor::{ProcessRole, ProcessStatus, RunningVm, VmEndWatch, VmExit};
+pub use vm::{ProcessRole, ProcessStatus, RunningVm, VmEndWatch, VmExit};
 
 /// Directory of the installed guest assets.
 pub const GUEST_ASSETS_DIR: &str = "/usr/share/nutshell";

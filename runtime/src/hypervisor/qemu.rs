@@ -13,7 +13,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::process::Command;
 
-use super::supervisor::{ProcessRole, ProcessTree, RunningVm, StateFiles};
+use super::supervisor::{ProcessTree, StateFiles};
+use super::vm::{ProcessRole, RunningVm};
 use super::{Accel, Hypervisor, HypervisorError, VmConfig, SHARED_DIR_TAG};
 
 /// The guest's vsock context id. Each VM has its own vsock backend, so every
