@@ -57,6 +57,12 @@ cargo_tool_present() { # name version
   [[ -x $CARGO_ROOT/bin/$1 ]] && grep -qF "\"$1 $2 " "$CARGO_ROOT/.crates.toml" 2>/dev/null
 }
 cargo_tool_pids=()
+# A failing later step must not leave installs running on their own.
+stop_cargo_tools() {
+  local entry
+  for entry in "${cargo_tool_pids[@]}"; do kill "${entry%%:*}" 2>/dev/null || true; done
+}
+trap stop_cargo_tools EXIT
 step "cargo tools: ${CARGO_TOOLS[*]}"
 mkdir -p "$NUTSHELL_CACHE/logs"
 for tool in "${CARGO_TOOLS[@]}"; do
@@ -95,6 +101,7 @@ for entry in "${cargo_tool_pids[@]}"; do
   fi
   echo "$CARGO_ROOT/bin/$name"
 done
+cargo_tool_pids=()
 
 # Further steps (shim, containerd config, the main job) are added by the
 # pieces that need them.

@@ -33,9 +33,17 @@ if ((CLEAN)); then
   scratch=$(mktemp -d /var/tmp/nutshell-kbench.XXXXXX)
   trap 'rm -rf "$scratch"' EXIT
   t0=$(date +%s.%N)
-  NUTSHELL_CACHE=$scratch guest-image/kernel.sh >/dev/null
+  sdir=$(NUTSHELL_CACHE=$scratch guest-image/kernel.sh | tail -1)
   t1=$(date +%s.%N)
   build=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f s (extract + config + make -j%d, this run)", b - a, '"$(nproc)"' }')
+  # The same inputs in another directory must give the same bytes.
+  if cmp -s "$sdir/vmlinux" "$NUTSHELL_CACHE/kernel/$(basename "$sdir")/vmlinux"; then
+    reproducible="yes (byte-identical to the cached build of key $(basename "$sdir" | cut -c1-12))"
+  elif [[ -f $NUTSHELL_CACHE/kernel/$(basename "$sdir")/vmlinux ]]; then
+    reproducible="NO: differs from the cached build of key $(basename "$sdir" | cut -c1-12)"
+  else
+    reproducible="not checked (no cached build of this key)"
+  fi
 else
   kdir=$NUTSHELL_CACHE/kernel/$(awk '/^kernel-key /{print $2}' "$GUEST_DIR/VERSION")
   if [[ -f $kdir/build-seconds ]]; then
@@ -47,6 +55,7 @@ fi
 
 printf '%-36s %s\n' "kernel" "$(awk '/^kernel /{print $2}' "$GUEST_DIR/VERSION")"
 printf '%-36s %s\n' "kernel build from clean" "$build"
+[[ -n ${reproducible:-} ]] && printf '%-36s %s\n' "kernel reproducible" "$reproducible"
 printf '%-36s %s (target <= 20 MiB)\n' "vmlinux size" "$(mib "$(stat -c %s "$GUEST_DIR/vmlinux")")"
 printf '%-36s %s (target <= 8 MiB)\n' "initramfs size (gzip)" "$(mib "$(stat -c %s "$GUEST_DIR/initramfs.cpio.gz")")"
 printf '%-36s %s\n' "debug initramfs size (gzip)" "$(mib "$(stat -c %s "$GUEST_DIR/initramfs-debug.cpio.gz")")"
