@@ -5,12 +5,14 @@
 //! event loop and vCPU threads ([`vmm`]), and the probe that tells whether
 //! this host's KVM can run a Linux guest at all ([`probe`]).
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod config;
 pub mod devices;
 pub mod exit;
 pub mod probe;
+pub mod timing;
 pub mod vmm;
 pub mod vstate;
 

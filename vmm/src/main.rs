@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use nutshell_vmm::arch::regs::EntryMode;
 use nutshell_vmm::boot::linux::LinuxBoot;
 use nutshell_vmm::exit::EXIT_SETUP_ERROR;
 use nutshell_vmm::probe::{probe_kvm, ProbeVerdict};
@@ -17,7 +18,7 @@ use nutshell_vmm::{BootSource, SerialOutput, VirtioDeviceConfig, VmConfig, Vmm};
 #[command(name = "nutshell-vmm", version)]
 struct Args {
     /// Uncompressed ELF kernel (vmlinux).
-    #[arg(long, required_unless_present = "probe")]
+    #[arg(long, required_unless_present_any = ["probe", "payload"])]
     kernel: Option<PathBuf>,
     /// initramfs (cpio, optionally compressed).
     #[arg(long)]
@@ -52,16 +53,40 @@ struct Args {
     /// End the VM after this many milliseconds (exit status 7).
     #[arg(long)]
     timeout_ms: Option<u64>,
+    /// Run raw 64-bit user-mode (CPL3, IOPL 3) machine code loaded at 1 MiB
+    /// instead of a kernel (tests and benchmarks).
+    #[arg(long, conflicts_with = "kernel")]
+    payload: Option<PathBuf>,
+    /// Print on stderr how long after process start the first KVM_RUN came.
+    #[arg(long)]
+    print_timing: bool,
     /// Only run the KVM capability probe and print its verdict (exit 0: can
     /// run Linux, 10: cannot, 1: probe failed).
     #[arg(long)]
     probe: bool,
 }
 
-fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
+fn boot_source(args: &Args) -> anyhow::Result<BootSource> {
+    if let Some(p) = &args.payload {
+        let code = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        return Ok(BootSource::Payload {
+            code,
+            load_addr: 0x10_0000,
+            mode: EntryMode::Long64User,
+        });
+    }
     let Some(kernel) = args.kernel.clone() else {
         bail!("--kernel is required");
     };
+    Ok(BootSource::Linux(LinuxBoot {
+        vmlinux: kernel,
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+        force_64bit_protocol: args.no_pvh,
+    }))
+}
+
+fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
     let mut devices = Vec::new();
     for b in &args.block {
         let (path, read_only) = match b.strip_suffix(",ro") {
@@ -85,12 +110,7 @@ fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
     if args.rng {
         devices.push(VirtioDeviceConfig::Rng);
     }
-    let mut config = VmConfig::new(BootSource::Linux(LinuxBoot {
-        vmlinux: kernel,
-        initrd: args.initrd.clone(),
-        cmdline: args.cmdline.clone(),
-        force_64bit_protocol: args.no_pvh,
-    }));
+    let mut config = VmConfig::new(boot_source(args)?);
     config.memory_mib = args.memory_mib;
     config.vcpus = args.vcpus;
     config.serial = match args.serial.as_str() {
@@ -105,7 +125,9 @@ fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
 }
 
 fn main() -> ExitCode {
+    nutshell_vmm::timing::mark_process_start();
     let args = Args::parse();
+    nutshell_vmm::timing::set_report_first_run(args.print_timing);
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

@@ -144,6 +144,7 @@ pub struct Vmm {
     console: SharedTail,
     kick: Arc<EventFd>,
     timeout: Option<Duration>,
+    api_socket: Option<std::path::PathBuf>,
     events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
 }
 
@@ -308,6 +309,7 @@ impl Vmm {
             console,
             kick,
             timeout: config.timeout,
+            api_socket: config.api_socket.clone(),
             events,
         })
     }
@@ -335,6 +337,18 @@ impl Vmm {
     /// Starts the vCPUs and runs the event loop until the VM ends.
     pub fn run(mut self) -> ExitReason {
         let started = Instant::now();
+        let _api = match &self.api_socket {
+            Some(p) => match crate::api::ApiServer::start(p, self.control()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    return ExitReason::HostError(format!(
+                        "cannot listen on the API socket {}: {e}",
+                        p.display()
+                    ))
+                }
+            },
+            None => None,
+        };
         let mut handles: Vec<VcpuHandle> = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {
             match vcpu.start() {

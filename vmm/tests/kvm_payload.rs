@@ -180,3 +180,40 @@ fn cpl3_payload_talks_to_a_virtio_mmio_device() {
     assert_eq!(reason, ExitReason::GuestReset, "{reason}");
     assert_eq!(std::fs::read_to_string(&serial).unwrap(), "virt43\n");
 }
+
+#[test]
+fn api_socket_reports_state_pauses_and_shuts_down() {
+    use std::io::{BufRead, BufReader, Write};
+    if !require(kvm_usable(), "/dev/kvm is missing or not usable") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let api = dir.path().join("api.sock");
+    let mut c = config(vec![0xeb, 0xfe], &dir.path().join("s.log"));
+    c.api_socket = Some(api.clone());
+    let t = std::thread::spawn(move || Vmm::build(&c).unwrap().run());
+    let mut s = None;
+    for _ in 0..200 {
+        if let Ok(x) = std::os::unix::net::UnixStream::connect(&api) {
+            s = Some(x);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let s = s.expect("API socket never came up");
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut ask = |req: &str| {
+        writeln!(&s, "{req}").unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        line
+    };
+    assert!(ask(r#"{"op":"state"}"#).contains(r#""state":"running""#));
+    assert!(ask(r#"{"op":"pause"}"#).contains(r#""state":"paused""#));
+    assert!(ask(r#"{"op":"resume"}"#).contains(r#""state":"running""#));
+    assert!(ask(r#"{"op":"reboot"}"#).contains(r#""ok":false"#));
+    assert!(ask("not json").contains("bad request"));
+    assert!(ask(r#"{"op":"shutdown"}"#).contains(r#""state":"stopping""#));
+    assert_eq!(t.join().unwrap(), ExitReason::HostShutdown);
+    assert!(!api.exists(), "socket removed");
+}

@@ -160,6 +160,7 @@ impl Vcpu {
 
     /// Runs until the VM ends, and records why.
     pub fn run_loop(mut self) {
+        crate::timing::first_run();
         loop {
             if self.shared.exit.is_stopping() {
                 return;
