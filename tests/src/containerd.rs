@@ -98,6 +98,19 @@ pub fn test_nutshell_config(extra_vm: &str) -> String {
     )
 }
 
+/// The kernel release of the installed guest `vmlinux` (from its
+/// `Linux version <release>` banner), what `uname -r` prints in a pod.
+pub fn guest_kernel_release() -> Option<String> {
+    let bytes = fs::read(guest_dir().join("vmlinux")).ok()?;
+    let needle = b"Linux version ";
+    let at = bytes.windows(needle.len()).position(|w| w == needle)? + needle.len();
+    let rest = &bytes[at..bytes.len().min(at + 128)];
+    let end = rest
+        .iter()
+        .position(|b| b.is_ascii_whitespace() || *b == 0)?;
+    String::from_utf8(rest[..end].to_vec()).ok()
+}
+
 /// A running private containerd.
 pub struct Containerd {
     dir: PathBuf,
@@ -535,7 +548,8 @@ fn unescape_mount_path(s: &str) -> PathBuf {
 /// What nutshell leaves on the host: counted before and after a test.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Footprint {
-    /// PIDs of nutshell shims, QEMU, virtiofsd and vhost-device-vsock.
+    /// PIDs of nutshell shims, and of QEMU, virtiofsd and
+    /// vhost-device-vsock serving pods under `/run/nutshell`.
     pub processes: Vec<(u32, String)>,
     /// Mount points under `/run/nutshell`.
     pub mounts: Vec<PathBuf>,
@@ -560,14 +574,14 @@ impl Footprint {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                if [
-                    "containerd-shim-nutshell-v2",
-                    "qemu-system-x86_64",
-                    "virtiofsd",
-                    "vhost-device-vsock",
-                ]
-                .contains(&name.as_str())
-                {
+                // Only nutshell's own: VM processes name the pod's state
+                // directory; other tests' VMs run elsewhere.
+                let mine = name == "containerd-shim-nutshell-v2"
+                    || (["qemu-system-x86_64", "virtiofsd", "vhost-device-vsock"]
+                        .contains(&name.as_str())
+                        && String::from_utf8_lossy(&cmdline)
+                            .contains(&format!("{NUTSHELL_RUN_DIR}/")));
+                if mine {
                     processes.push((pid, name));
                 }
             }

@@ -11,14 +11,12 @@
 //! Output FIFOs are opened read-write, so opening never blocks on a missing
 //! reader and a reader going away (containerd restarting) cannot turn into
 //! EPIPE; the data then waits in the pipe as it would with runc. The stdin
-//! FIFO is opened read-only with a blocking open (on a blocking thread): it
-//! completes when the client opens its end, and the client closing its end
-//! is the container's EOF, as with runc.
+//! FIFO is opened read-only and non-blocking: nothing here ever blocks a
+//! thread on a client that never comes (the runtime could not shut down),
+//! and the client closing its end is the container's EOF, as with runc.
 
-use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -311,11 +309,8 @@ impl Relays {
         if let Some(h) = self.stdin.take() {
             h.abort();
         }
-        if let Some(mut child) = self.logger.take() {
-            // It exits on EOF of its pipes, which the aborted relays close.
-            tokio::task::spawn_blocking(move || {
-                let _ = child.wait();
-            });
+        if let Some(child) = self.logger.take() {
+            tokio::spawn(reap_logger(child));
         }
     }
 }
@@ -329,6 +324,19 @@ impl Drop for Relays {
             h.abort();
         }
     }
+}
+
+/// Reaps a logging binary: it exits on EOF of its pipes, which the stopped
+/// relays close; one that does not within 10 s is killed.
+async fn reap_logger(mut child: std::process::Child) {
+    for _ in 0..100 {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn open_output(t: &OutputTarget) -> Result<Sink, StdioError> {
@@ -391,16 +399,12 @@ async fn relay_stdin(
     mut close: watch::Receiver<bool>,
     progress: Arc<AtomicU64>,
 ) {
-    let fifo = tokio::select! {
-        f = open_fifo_for_reading(path.clone()) => f,
-        _ = close.wait_for(|c| *c) => None,
-    };
-    if let Some(fifo) = fifo {
-        copy_stdin(&agent, &cid, &exec_id, fifo, &mut close, &progress).await;
-    } else {
-        // A blocking open may still wait for a writer: be that writer, so
-        // the blocking thread ends.
-        unblock_fifo_open(&path);
+    // O_RDONLY|O_NONBLOCK opens at once. Until a writer has come, the FIFO
+    // reports neither data nor hang-up, so the read waits (and stays
+    // cancellable); a writer that came and went is EOF.
+    match pipe::OpenOptions::new().open_receiver(&path) {
+        Ok(fifo) => copy_stdin(&agent, &cid, &exec_id, fifo, &mut close, &progress).await,
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot open stdin"),
     }
     if let Err(e) = agent.close_stdin(&cid, &exec_id).await {
         tracing::debug!(%cid, %exec_id, error = %e, "CloseStdin");
@@ -445,33 +449,6 @@ async fn copy_stdin(
         }
         progress.fetch_add(n as u64, Ordering::Relaxed);
     }
-}
-
-async fn open_fifo_for_reading(path: PathBuf) -> Option<pipe::Receiver> {
-    let p = path.clone();
-    let file = tokio::task::spawn_blocking(move || {
-        OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&p)
-    })
-    .await
-    .ok()?;
-    match file.and_then(pipe::Receiver::from_file) {
-        Ok(r) => Some(r),
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot open stdin");
-            None
-        }
-    }
-}
-
-fn unblock_fifo_open(path: &Path) {
-    // O_NONBLOCK: fails with ENXIO when no reader waits, which is fine.
-    let _ = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path);
 }
 
 /// Starts a `binary://` logger: fd 3 its stdout, fd 4 its stderr, fd 5
@@ -609,5 +586,25 @@ mod tests {
         let mut buf = [0u8; 5];
         r.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"hello");
+    }
+
+    #[tokio::test]
+    async fn stdin_fifo_waits_for_a_writer_then_sees_its_eof() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in");
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let mut r = pipe::OpenOptions::new().open_receiver(&p).unwrap();
+        let mut buf = [0u8; 16];
+        let early = tokio::time::timeout(Duration::from_millis(200), r.read(&mut buf)).await;
+        assert!(
+            early.is_err(),
+            "no writer yet must not read as EOF: {early:?}"
+        );
+        let mut w = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        std::io::Write::write_all(&mut w, b"abc").unwrap();
+        drop(w);
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"abc");
     }
 }

@@ -1,0 +1,235 @@
+//! Faults around the nutshell shim, through a private containerd: a missing
+//! guest kernel, a killed VM, a killed shim, a containerd restart, and
+//! repeated create/delete cycles. Each must end with nothing left behind.
+
+use std::process::Stdio;
+use std::sync::MutexGuard;
+use std::time::Duration;
+
+use nutshell_tests::containerd::{
+    output_with_timeout, prerequisites, serial, test_nutshell_config, Containerd, Footprint,
+    BUSYBOX_IMAGE, NUTSHELL_RUNTIME, NUTSHELL_RUN_DIR,
+};
+use nutshell_tests::require;
+
+fn setup(config: &str) -> Option<(MutexGuard<'static, ()>, Containerd, Footprint)> {
+    let guard = serial();
+    let ready = prerequisites();
+    if !require(
+        ready.is_ok(),
+        ready.as_ref().err().map_or("", String::as_str),
+    ) {
+        return None;
+    }
+    let before = Footprint::now();
+    let c = Containerd::start(config).expect("private containerd starts");
+    Some((guard, c, before))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn assert_clean(c: &Containerd, before: &Footprint) {
+    let after = Footprint::settle_to(before, Duration::from_secs(30));
+    assert_eq!(
+        &after,
+        before,
+        "nutshell left something behind; containerd log tail:\n{}",
+        c.log_tail(80)
+    );
+}
+
+fn run_detached(c: &Containerd, id: &str, cmd: &[&str]) {
+    let mut args = vec![
+        "run",
+        "-d",
+        "--runtime",
+        NUTSHELL_RUNTIME,
+        BUSYBOX_IMAGE,
+        id,
+    ];
+    args.extend_from_slice(cmd);
+    let out =
+        output_with_timeout(c.ctr(&args).stdin(Stdio::null()), Duration::from_secs(180)).unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stderr),
+        c.log_tail(60)
+    );
+}
+
+/// The task's status column in `ctr task ls`, once it is `want` (waits up to
+/// `limit`).
+fn wait_status(c: &Containerd, id: &str, want: &str, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        let ls = c.ctr_ok(&["task", "ls"]).unwrap_or_default();
+        if ls.lines().any(|l| l.starts_with(id) && l.contains(want)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// The pid a pod's `vm.json` records for `field` ("shim_pid") or for the
+/// process whose role mentions `role`.
+fn recorded_pid(pod: &str, role: &str) -> u32 {
+    let path = format!("{NUTSHELL_RUN_DIR}/{pod}/vm.json");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("vm.json exists")).unwrap();
+    if role == "shim" {
+        return json["shim_pid"].as_u64().unwrap() as u32;
+    }
+    json["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["role"].as_str().unwrap_or_default().contains(role))
+        .and_then(|p| p["pid"].as_u64())
+        .unwrap_or_else(|| panic!("no {role} in {json}")) as u32
+}
+
+fn kill9(pid: u32) {
+    let st = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn a_missing_kernel_is_a_clear_error() {
+    let cfg = test_nutshell_config("").replace(
+        &format!(
+            "kernel = \"{}\"",
+            nutshell_tests::guest_dir().join("vmlinux").display()
+        ),
+        "kernel = \"/nonexistent/vmlinux\"",
+    );
+    assert!(cfg.contains("/nonexistent/vmlinux"));
+    let Some((_g, c, before)) = setup(&cfg) else {
+        return;
+    };
+    let out = c.run_nutshell("nokernel", &[], &["true"]).unwrap();
+    assert!(!out.status.success());
+    let msg = text(&out.stderr);
+    eprintln!("ctr run said: {msg}");
+    assert!(
+        msg.contains("/nonexistent/vmlinux") && msg.contains("vm.kernel"),
+        "the error names the path and the key: {msg}"
+    );
+    c.remove_everything();
+    assert_clean(&c, &before);
+}
+
+#[test]
+fn killing_the_vm_ends_the_task_and_delete_cleans_up() {
+    let Some((_g, c, before)) = setup(&test_nutshell_config("")) else {
+        return;
+    };
+    run_detached(&c, "vmkill", &["sleep", "1000"]);
+    kill9(recorded_pid("vmkill", "VMM"));
+    assert!(
+        wait_status(&c, "vmkill", "STOPPED", Duration::from_secs(30)),
+        "the task stops when its VM dies"
+    );
+    let st = c.ctr(&["task", "delete", "vmkill"]).output().unwrap();
+    assert_ne!(st.status.code(), Some(0), "the exit status is non-zero");
+    c.ctr_ok(&["containers", "rm", "vmkill"]).unwrap();
+    assert_clean(&c, &before);
+}
+
+#[test]
+fn killing_the_shim_leaves_nothing_behind() {
+    let Some((_g, c, before)) = setup(&test_nutshell_config("")) else {
+        return;
+    };
+    run_detached(&c, "shimkill", &["sleep", "1000"]);
+    kill9(recorded_pid("shimkill", "shim"));
+    assert!(
+        wait_status(&c, "shimkill", "STOPPED", Duration::from_secs(30)),
+        "containerd notices the dead shim"
+    );
+    let _ = c.ctr(&["task", "delete", "shimkill"]).output().unwrap();
+    c.ctr_ok(&["containers", "rm", "shimkill"]).unwrap();
+    assert_clean(&c, &before);
+}
+
+#[test]
+fn a_pod_survives_a_containerd_restart() {
+    let Some((_g, mut c, before)) = setup(&test_nutshell_config("")) else {
+        return;
+    };
+    run_detached(
+        &c,
+        "restart1",
+        &["sh", "-c", "while true; do sleep 1; done"],
+    );
+    let vmm = recorded_pid("restart1", "VMM");
+    c.restart().unwrap();
+    assert!(
+        wait_status(&c, "restart1", "RUNNING", Duration::from_secs(30)),
+        "containerd finds the running task again"
+    );
+    assert!(
+        std::path::Path::new(&format!("/proc/{vmm}")).exists(),
+        "the VM kept running"
+    );
+    let out = c
+        .ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "after",
+            "restart1",
+            "echo",
+            "still-here",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "still-here");
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "restart1"])
+        .unwrap();
+    assert!(wait_status(
+        &c,
+        "restart1",
+        "STOPPED",
+        Duration::from_secs(30)
+    ));
+    let _ = c.ctr(&["task", "delete", "restart1"]).output().unwrap();
+    c.ctr_ok(&["containers", "rm", "restart1"]).unwrap();
+    assert_clean(&c, &before);
+}
+
+#[test]
+fn twenty_create_delete_cycles_leak_nothing() {
+    let Some((_g, c, before)) = setup(&test_nutshell_config("")) else {
+        return;
+    };
+    let sockets_before = socket_count("/run/containerd/s");
+    for i in 0..20 {
+        let id = format!("cycle{i}");
+        let out = c.run_nutshell(&id, &[], &["true"]).unwrap();
+        assert!(
+            out.status.success(),
+            "cycle {i}: {}\n{}",
+            text(&out.stderr),
+            c.log_tail(40)
+        );
+    }
+    assert_clean(&c, &before);
+    assert_eq!(
+        socket_count("/run/containerd/s"),
+        sockets_before,
+        "shim sockets are removed"
+    );
+}
+
+fn socket_count(dir: &str) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
