@@ -791,10 +791,14 @@ fn count_fds(pid: i32) -> usize {
         .count()
 }
 
-fn count_mounts() -> usize {
+/// Mounts of this host that involve `dir` (the test's rootfs lives there):
+/// other work on the machine may mount and unmount elsewhere meanwhile.
+fn count_mounts(dir: &Path) -> usize {
+    let dir = dir.display().to_string();
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
         .lines()
+        .filter(|l| l.contains(&dir))
         .count()
 }
 
@@ -806,7 +810,11 @@ async fn hundred_cycles_leave_nothing_behind() {
     let s = spec(&a.rootfs(), &["true"]);
     // One warm-up cycle: the runtime's lazily created descriptors.
     a.run_to_end("warm", &s).await;
-    let (procs, fds, mounts) = (descendants(a.pid()), count_fds(a.pid()), count_mounts());
+    let (procs, fds, mounts) = (
+        descendants(a.pid()),
+        count_fds(a.pid()),
+        count_mounts(a.dir.path()),
+    );
     for i in 0..100 {
         let id = format!("cycle-{i}");
         let (exit, _, _) = a.run_to_end(&id, &s).await;
@@ -814,7 +822,8 @@ async fn hundred_cycles_leave_nothing_behind() {
     }
     assert_eq!(descendants(a.pid()), procs, "processes left behind");
     assert_eq!(count_fds(a.pid()), fds, "descriptors left behind");
-    assert_eq!(count_mounts(), mounts, "mounts left behind");
+    assert_eq!(count_mounts(a.dir.path()), mounts, "mounts left behind");
+    assert_eq!(mounts, 0);
     a.health().await;
 }
 
