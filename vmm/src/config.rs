@@ -75,6 +75,10 @@ pub struct VmConfig {
     pub timeout: Option<Duration>,
     /// Control API socket path.
     pub api_socket: Option<PathBuf>,
+    /// Once the VM runs, drop all capabilities and confine every thread to
+    /// a seccomp allowlist. Process-wide and irreversible: for the binary,
+    /// not for library callers that go on doing other things.
+    pub harden: bool,
 }
 
 impl VmConfig {
@@ -89,6 +93,7 @@ impl VmConfig {
             devices: Vec::new(),
             timeout: None,
             api_socket: None,
+            harden: false,
         }
     }
 }

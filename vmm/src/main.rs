@@ -57,6 +57,9 @@ struct Args {
     /// instead of a kernel (tests and benchmarks).
     #[arg(long, conflicts_with = "kernel")]
     payload: Option<PathBuf>,
+    /// Keep capabilities and run without the seccomp filter (debugging).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Print on stderr how long after process start the first KVM_RUN came.
     #[arg(long)]
     print_timing: bool,
@@ -121,6 +124,7 @@ fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
     config.devices = devices;
     config.timeout = args.timeout_ms.map(Duration::from_millis);
     config.api_socket = args.api_socket.clone();
+    config.harden = !args.no_seccomp;
     Ok(config)
 }
 

@@ -145,6 +145,7 @@ pub struct Vmm {
     kick: Arc<EventFd>,
     timeout: Option<Duration>,
     api_socket: Option<std::path::PathBuf>,
+    harden: bool,
     events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
 }
 
@@ -310,6 +311,7 @@ impl Vmm {
             kick,
             timeout: config.timeout,
             api_socket: config.api_socket.clone(),
+            harden: config.harden,
             events,
         })
     }
@@ -357,6 +359,17 @@ impl Vmm {
                     self.exit.request(ExitReason::HostError(format!("{e}")));
                     break;
                 }
+            }
+        }
+        if self.harden {
+            // After every thread exists, before the guest can do much.
+            let hardened = crate::hardening::drop_capabilities()
+                .and_then(|()| crate::hardening::apply_seccomp());
+            if let Err(e) = hardened {
+                self.exit.request(ExitReason::HostError(format!(
+                    "{e}: {:?}",
+                    std::error::Error::source(&e)
+                )));
             }
         }
         let mut was_paused = false;
