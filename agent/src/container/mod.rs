@@ -269,9 +269,17 @@ impl Engine {
     ) -> Result<i32> {
         let spec = spec::parse_spec(id, spec_json)?;
         spec::check_supported(id, &spec)?;
-        let mut sandbox = self.sandbox.lock().await;
-        let rootfs = spec::rootfs(id, rootfs, &spec, sandbox.shared_dir())?;
-        let (join, unshare) = spec::plan_namespaces(id, &spec, &sandbox.namespaces())?;
+        // Not held across the spawn: one slow set-up must not block others.
+        let (shared_dir, sandbox_ns, sandbox_hostname) = {
+            let sb = self.sandbox.lock().await;
+            (
+                sb.shared_dir().to_path_buf(),
+                sb.namespaces(),
+                sb.hostname(),
+            )
+        };
+        let rootfs = spec::rootfs(id, rootfs, &spec, &shared_dir)?;
+        let (join, unshare) = spec::plan_namespaces(id, &spec, &sandbox_ns)?;
         let linux = spec.linux().as_ref();
         let seccomp = match linux.and_then(|l| l.seccomp().as_ref()) {
             Some(profile) => seccomp::compile(profile)
@@ -291,7 +299,7 @@ impl Engine {
             AgentError::invalid(format!("container {id}: the spec has no process"))
         })?;
         let hostname = if unshare & libc::CLONE_NEWUTS != 0 {
-            spec.hostname().clone().or_else(|| sandbox.hostname())
+            spec.hostname().clone().or(sandbox_hostname)
         } else {
             None
         };
@@ -329,8 +337,7 @@ impl Engine {
         };
         let init = Process::new(String::new(), spawned, &self.reaper);
         let pid = init.pid;
-        sandbox.container_created(pid);
-        drop(sandbox);
+        self.sandbox.lock().await.container_created(pid);
         let oom_stop = cgroup.as_ref().map(|cg| self.watch_oom(id, cg));
         let container = Arc::new(Container {
             id: id.to_string(),

@@ -133,13 +133,19 @@ pub async fn spawn(
     let mut channel =
         Channel::new(ours).map_err(|e| AgentError::internal(format!("control socket: {e}")))?;
 
+    // The container process's pid once stage 1 reported it, for the
+    // time-out path (which cannot see inside the handshake future).
+    let seen_pid = std::sync::atomic::AtomicI32::new(0);
     let handshake = async {
         channel
             .send(&InitMsg::Config(Box::new(cfg)))
             .await
             .map_err(|e| AgentError::internal(format!("sending the config to the init: {e}")))?;
         let pid = match channel.recv().await {
-            Ok(Some(InitMsg::Pid(pid))) => pid,
+            Ok(Some(InitMsg::Pid(pid))) => {
+                seen_pid.store(pid, std::sync::atomic::Ordering::SeqCst);
+                pid
+            }
             Ok(Some(InitMsg::Error(msg))) => return Err(init_error(id, msg)),
             Ok(other) => {
                 return Err(AgentError::internal(format!(
@@ -181,6 +187,10 @@ pub async fn spawn(
         Ok(r) => r?,
         Err(_) => {
             kill(stage1);
+            let pid = seen_pid.load(std::sync::atomic::Ordering::SeqCst);
+            if pid > 0 {
+                kill(pid);
+            }
             return Err(AgentError::internal(format!(
                 "container {id}: set-up took longer than {SETUP_TIMEOUT:?}"
             )));
