@@ -174,6 +174,18 @@ struct Outcome {
 /// Creates, starts and waits for a container, feeding `stdin` (then closing
 /// it) and collecting its output; removes it afterwards.
 async fn run(agent: &AgentClient, id: &str, spec_json: Vec<u8>, stdin: Option<&[u8]>) -> Outcome {
+    let out = run_kept(agent, id, spec_json, stdin).await;
+    agent.remove_container(id).await.unwrap();
+    out
+}
+
+/// [`run`], leaving the exited container in place.
+async fn run_kept(
+    agent: &AgentClient,
+    id: &str,
+    spec_json: Vec<u8>,
+    stdin: Option<&[u8]>,
+) -> Outcome {
     create(agent, id, spec_json, stdin.is_some()).await;
     agent.start_container(id).await.unwrap();
     if let Some(data) = stdin {
@@ -189,7 +201,6 @@ async fn run(agent: &AgentClient, id: &str, spec_json: Vec<u8>, stdin: Option<&[
         agent.wait_process(id, "")
     );
     let wait = wait.unwrap();
-    agent.remove_container(id).await.unwrap();
     Outcome {
         status: wait.exit_status,
         signal: wait.signal,
@@ -277,7 +288,7 @@ fn guest_runs_containers() {
     vm_test(Duration::from_secs(600), || async move {
         let tmp = tempfile::tempdir().unwrap();
         let shared = tmp.path().join("shared");
-        busybox_rootfs(&shared.join("rootfs")).unwrap();
+        std::fs::create_dir(&shared).unwrap();
         let config = vm_config("guest-runs-containers", tmp.path(), Some(&shared));
         let state = config.state_dir.clone();
 
@@ -289,6 +300,20 @@ fn guest_runs_containers() {
         eprintln!("agent answered {ready:?} after QEMU started");
         let agent = sandbox.agent();
         let vm = sandbox.vm();
+        // The rootfs arrives as the shim's do: bind-mounted into the shared
+        // directory after the VM started.
+        let rootfs_src = tmp.path().join("rootfs-src");
+        busybox_rootfs(&rootfs_src).unwrap();
+        let rootfs = shared.join("rootfs");
+        std::fs::create_dir(&rootfs).unwrap();
+        nix::mount::mount(
+            Some(&rootfs_src),
+            &rootfs,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
         assert!(agent.health().await.unwrap().status == "SERVING");
 
         // The guest: its own kernel, cgroup v2, the agent as PID 1.
@@ -369,7 +394,7 @@ fn guest_runs_containers() {
             &none,
             json!({"memory": {"limit": 16 << 20, "swap": 16 << 20}}),
         );
-        let out = run(agent, "hog", hog, None).await;
+        let out = run_kept(agent, "hog", hog, None).await;
         assert_eq!(
             (out.status, out.signal),
             (137, 9),
@@ -381,6 +406,7 @@ fn guest_runs_containers() {
             .unwrap()
             .unwrap();
         assert_eq!(oom.container_id, "hog");
+        agent.remove_container("hog").await.unwrap();
 
         // Two containers in one pod share net and ipc but not mount.
         let pause_pid = create(
@@ -398,10 +424,9 @@ fn guest_runs_containers() {
         .into_iter()
         .collect();
         let ns = [
-            "readlink",
-            "/proc/self/ns/net",
-            "/proc/self/ns/ipc",
-            "/proc/self/ns/mnt",
+            "sh",
+            "-c",
+            "for n in net ipc mnt; do readlink /proc/self/ns/$n; done",
         ];
         let theirs = exec(agent, "pod-pause", "ns", &ns).await;
         let ours = run(agent, "pod-app", spec(&ns, &join, json!({})), None)
@@ -416,7 +441,7 @@ fn guest_runs_containers() {
 
         // Pause freezes a container, resume thaws it: its counter, written
         // into the shared directory, stops and goes on. Stats come back.
-        let counter = shared.join("rootfs/tmp/count");
+        let counter = rootfs_src.join("tmp/count");
         let tick = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done";
         create(
             agent,
@@ -453,6 +478,10 @@ fn guest_runs_containers() {
         let w = agent.wait_process("ticker", "").await.unwrap();
         assert_eq!((w.exit_status, w.signal), (137, 9));
         agent.remove_container("ticker").await.unwrap();
+
+        // Lazily, as a shim must: virtiofsd holds the files the guest has
+        // looked up until the guest forgets them.
+        nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH).unwrap();
 
         // A clean shutdown: the guest powers off, everything is reaped.
         let pids: Vec<u32> = vm.processes().iter().map(|(_, p)| *p).collect();

@@ -13,6 +13,7 @@
 mod console;
 mod memory;
 pub mod qemu;
+mod shared_dir;
 pub(crate) mod supervisor;
 pub(crate) mod vm;
 
@@ -176,6 +177,14 @@ pub enum HypervisorError {
     #[error("cannot prepare {path}")]
     StateDir {
         path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The shared directory could not be made a shared mount.
+    #[error("cannot prepare the shared directory {path} ({what})")]
+    SharedDir {
+        path: PathBuf,
+        what: &'static str,
         #[source]
         source: std::io::Error,
     },

@@ -13,6 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::process::Command;
 
+use super::shared_dir;
 use super::supervisor::{ProcessTree, StateFiles};
 use super::vm::{ProcessRole, RunningVm};
 use super::{Accel, Hypervisor, HypervisorError, VmConfig, SHARED_DIR_TAG};
@@ -311,6 +312,16 @@ impl Hypervisor for QemuHypervisor {
             state.claim(Path::new(&lock))?;
         }
         let mut tree = ProcessTree::new(&config.id, state);
+        if let Some(dir) = &config.shared_dir {
+            match shared_dir::ensure_shared(dir) {
+                Ok(Some(mount)) => tree.state().add_mount(mount),
+                Ok(None) => {}
+                Err(e) => {
+                    tree.kill_and_clean().await;
+                    return Err(e);
+                }
+            }
+        }
 
         let mut vsock = Command::new(&self.binaries.vsock_backend);
         vsock.args(vsock_backend_args(&files));

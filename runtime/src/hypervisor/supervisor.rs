@@ -29,6 +29,8 @@ use super::HypervisorError;
 
 /// Console lines kept in a [`VmExit`].
 const CONSOLE_TAIL_LINES: usize = 20;
+/// How long the VMM gets to follow a backend that ended first.
+const VMM_FOLLOWS: Duration = Duration::from_millis(300);
 /// Stderr lines kept per process.
 const STDERR_TAIL_LINES: usize = 10;
 /// Longest stderr line buffered before it is cut.
@@ -43,6 +45,7 @@ pub(crate) struct StateFiles {
     dir: PathBuf,
     created_dir: bool,
     files: Vec<PathBuf>,
+    mounts: Vec<PathBuf>,
     console_log: PathBuf,
     keep_console: bool,
 }
@@ -66,6 +69,7 @@ impl StateFiles {
             dir: dir.to_path_buf(),
             created_dir,
             files: Vec::new(),
+            mounts: Vec::new(),
             console_log: dir.join("console.log"),
             keep_console,
         };
@@ -93,11 +97,19 @@ impl StateFiles {
         Ok(path.to_path_buf())
     }
 
+    /// Records a mount the VM made, unmounted when it ends.
+    pub(crate) fn add_mount(&mut self, mount_point: PathBuf) {
+        self.mounts.push(mount_point);
+    }
+
     pub(crate) fn console_log(&self) -> &Path {
         &self.console_log
     }
 
     fn remove(&self) {
+        for m in &self.mounts {
+            super::shared_dir::release(m);
+        }
         for f in &self.files {
             if let Err(e) = std::fs::remove_file(f) {
                 if e.kind() != io::ErrorKind::NotFound {
@@ -145,6 +157,10 @@ impl ProcessTree {
             exits_rx,
             state,
         }
+    }
+
+    pub(crate) fn state(&mut self) -> &mut StateFiles {
+        &mut self.state
     }
 
     /// Starts `cmd` as a supervised process of the VM.
@@ -291,6 +307,24 @@ impl ProcessTree {
     /// them (bounded), removes the files, and describes what happened.
     async fn finish(mut self, first: ChildExit, requested: bool) -> VmExit {
         self.children[first.index].exited = true;
+        let mut first = first;
+        // A backend that exits because the VMM hung up (virtiofsd does, as
+        // the guest reboots) can be reaped a moment before the VMM: give the
+        // VMM a short while to end by itself, and report it if it does.
+        if self.children[first.index].role != ProcessRole::Vmm && !requested {
+            let vmm_ended = async {
+                while let Some(e) = self.exits_rx.recv().await {
+                    self.children[e.index].exited = true;
+                    if self.children[e.index].role == ProcessRole::Vmm {
+                        return Some(e);
+                    }
+                }
+                None
+            };
+            if let Ok(Some(vmm)) = timeout(VMM_FOLLOWS, vmm_ended).await {
+                first = vmm;
+            }
+        }
         self.signal(None, Signal::SIGKILL);
         let deadline = Instant::now() + REAP_TIMEOUT;
         while self.children.iter().any(|c| !c.exited) {
@@ -532,6 +566,20 @@ mod tests {
         assert!(text.contains("Kernel panic - test"), "{text}");
         assert!(!alive(vmm), "the VMM survived its backend");
         assert!(!sock.exists() && !dir.path().join("state").exists());
+    }
+
+    #[tokio::test]
+    async fn a_vmm_that_ends_just_after_its_backend_is_the_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = tree(dir.path());
+        t.spawn(ProcessRole::FsBackend, "fake-fs", sh("sleep 0.3; exit 0"))
+            .unwrap();
+        t.spawn(ProcessRole::Vmm, "fake-vmm", sh("sleep 0.4; exit 0"))
+            .unwrap();
+        let vm = t.into_running(dir.path().join("none"));
+        let exit = timeout(Duration::from_secs(5), vm.ended()).await.unwrap();
+        assert_eq!(exit.role, ProcessRole::Vmm);
+        assert!(exit.is_clean_poweroff(), "{exit}");
     }
 
     #[tokio::test]
