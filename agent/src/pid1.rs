@@ -172,9 +172,14 @@ pub fn setup() -> Result<(), Pid1Error> {
 /// parent. The agent keeps running from the initramfs file; `/proc/self/exe`
 /// still reaches it for re-execution.
 fn leave_rootfs() -> Result<(), Pid1Error> {
-    let is_rootfs = fs::read_to_string("/proc/self/mountinfo")
-        .map(|m| m.lines().next().is_some_and(|l| l.contains(" - rootfs ")))
-        .unwrap_or(true);
+    // The initramfs root is a ramfs or tmpfs (rootfs); /proc is not mounted
+    // yet, so ask statfs rather than mountinfo. Moving a tmpfs over another
+    // tmpfs root is harmless.
+    use nix::sys::statfs::{statfs, FsType, TMPFS_MAGIC};
+    // RAMFS_MAGIC (linux/magic.h); neither libc nor nix name it.
+    let ramfs = FsType(0x8584_58f6);
+    let is_rootfs = statfs("/")
+        .is_ok_and(|s| s.filesystem_type() == ramfs || s.filesystem_type() == TMPFS_MAGIC);
     if !is_rootfs {
         return Ok(());
     }
