@@ -11,6 +11,7 @@ pub mod boot;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod fuzzing;
 pub mod hardening;
 pub mod probe;
 pub mod timing;

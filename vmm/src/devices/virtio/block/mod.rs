@@ -37,12 +37,17 @@ impl Block {
     /// whole sectors.
     pub fn open(path: &Path, read_only: bool) -> std::io::Result<Self> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
-        let sectors = file.metadata()?.len() / SECTOR_SIZE;
-        let mut id = [0u8; ID_BYTES];
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        Self::from_file(file, read_only, &name)
+    }
+
+    /// A device on an already open image; `name` becomes the device id.
+    pub fn from_file(file: File, read_only: bool, name: &str) -> std::io::Result<Self> {
+        let sectors = file.metadata()?.len() / SECTOR_SIZE;
+        let mut id = [0u8; ID_BYTES];
         let n = name.len().min(ID_BYTES);
         id[..n].copy_from_slice(&name.as_bytes()[..n]);
         Ok(Block {
