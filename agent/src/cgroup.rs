@@ -84,8 +84,25 @@ impl Cgroup {
         }
         crate::pid1::enable_cgroup_controllers(&parent);
         let path = parent.join(id);
-        fs::create_dir(&path)
-            .map_err(|e| AgentError::internal(format!("creating {}: {e}", path.display())))?;
+        match fs::create_dir(&path) {
+            Ok(()) => {}
+            // Left by a create whose caller gave up mid-way: reuse it
+            // when empty (a busy one is refused by the id check first).
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if !Self::at(&path).procs().is_empty() {
+                    return Err(AgentError::FailedPrecondition(format!(
+                        "cgroup {} is still in use",
+                        path.display()
+                    )));
+                }
+            }
+            Err(e) => {
+                return Err(AgentError::internal(format!(
+                    "creating {}: {e}",
+                    path.display()
+                )))
+            }
+        }
         Ok(Self { path })
     }
 

@@ -255,9 +255,9 @@ impl Engine {
     ) -> Result<i32> {
         spec::check_id("container id", id, false)?;
         self.reserve(id)?;
-        let res = self.create_inner(id, spec_json, rootfs, want_stdin).await;
-        self.release(id);
-        res
+        // Released even if the caller's deadline drops this future.
+        let _busy = Busy { engine: self, id };
+        self.create_inner(id, spec_json, rootfs, want_stdin).await
     }
 
     async fn create_inner(
@@ -618,6 +618,7 @@ impl Engine {
     pub async fn remove_container(&self, id: &str) -> Result<()> {
         let c = self.container(id)?;
         self.reserve_for_removal(id)?;
+        let _busy = Busy { engine: self, id };
         let res = self.remove_inner(&c).await;
         if res.is_ok() {
             self.containers
@@ -627,7 +628,6 @@ impl Engine {
             self.sandbox.lock().await.container_removed(c.init.pid);
             tracing::info!(container = id, "container removed");
         }
-        self.release(id);
         res
     }
 
@@ -691,6 +691,18 @@ impl Engine {
             }
         }
         self.sandbox.lock().await.destroy();
+    }
+}
+
+/// Marks an id busy for as long as it lives.
+struct Busy<'a> {
+    engine: &'a Engine,
+    id: &'a str,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.engine.release(self.id);
     }
 }
 
