@@ -972,3 +972,21 @@ async fn cgroup_v2_pause_resume_stats_and_removal() {
     a.remove("ticker").await;
     assert!(!cg.exists(), "the container's cgroup is removed");
 }
+
+#[tokio::test]
+async fn large_output_arrives_intact() {
+    let Some(a) = Agent::start().await else {
+        return;
+    };
+    // 8 MiB of numbered lines: more than the agent buffers, so the
+    // container blocks until the reads catch up.
+    a.run("big", &sh(&a, "seq 1 2000000 | head -c 8388608"))
+        .await;
+    let out = a.read_all("big", "", false).await;
+    assert_eq!(out.len(), 8 << 20);
+    assert!(out.starts_with("1\n2\n3\n"));
+    let expected: String = (1..=2_000_000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(out, expected[..8 << 20]);
+    assert_eq!(a.wait("big", "").await.exit_status, 0);
+    a.remove("big").await;
+}
