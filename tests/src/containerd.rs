@@ -287,6 +287,36 @@ impl Containerd {
         )
     }
 
+    /// `ctr task delete id`: the task's exit status (ctr warns "exit with
+    /// non-zero exit code N" and exits 0; silence means 0), `None` when the
+    /// delete failed.
+    pub fn delete_task(&self, id: &str) -> Option<i32> {
+        let out = self.ctr(&["task", "delete", id]).output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        match err.split("exit code ").nth(1) {
+            Some(rest) => rest
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .ok(),
+            None => Some(0),
+        }
+    }
+
+    /// The status column of task `id` in `ctr task ls`; `None` when it is not
+    /// listed.
+    pub fn task_status(&self, id: &str) -> Option<String> {
+        let ls = self.ctr_ok(&["task", "ls"]).ok()?;
+        ls.lines().skip(1).find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.first() == Some(&id)).then(|| cols.last().unwrap_or(&"").to_string())
+        })
+    }
+
     /// The last `n` lines of containerd's log (shim logs included).
     pub fn log_tail(&self, n: usize) -> String {
         let text = fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();

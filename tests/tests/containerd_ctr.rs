@@ -252,33 +252,15 @@ fn ctr_task_exec_ps_metrics_pause_resume_and_kill() {
     assert_clean(&c, &before);
 }
 
-/// Waits for the task to stop, deletes it and returns its exit status
-/// (`ctr task delete` warns "exit with non-zero exit code N"; silence is 0).
+/// Waits for the task to stop, deletes it and returns its exit status.
 fn wait_stopped_and_delete(c: &Containerd, id: &str) -> Option<i32> {
     for _ in 0..300 {
-        let ls = c.ctr_ok(&["task", "ls"]).unwrap_or_default();
-        if ls
-            .lines()
-            .any(|l| l.starts_with(id) && l.contains("STOPPED"))
-        {
+        if c.task_status(id).as_deref() == Some("STOPPED") {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let out = c.ctr(&["task", "delete", id]).output().ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let err = text(&out.stderr);
-    match err.split("exit code ").nth(1) {
-        Some(rest) => rest
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect::<String>()
-            .parse()
-            .ok(),
-        None => Some(0),
-    }
+    c.delete_task(id)
 }
 
 #[test]

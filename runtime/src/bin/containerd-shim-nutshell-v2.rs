@@ -62,4 +62,10 @@ async fn main() {
         ..Default::default()
     };
     containerd_shim::run::<NutshellShim>(RUNTIME_ID, Some(config)).await;
+    // The crate removes the socket named in the bundle's `address` file,
+    // which containerd may already have deleted with the bundle: remove our
+    // own socket by the name we were given.
+    if flags.action.is_empty() && !flags.socket.is_empty() {
+        nutshell_runtime::shim::service::remove_dead_socket(&flags.socket);
+    }
 }

@@ -103,6 +103,9 @@ impl Shim for NutshellShim {
         if let Err(e) = r {
             return Err(Error::Other(super::pod::chain(&e)));
         }
+        if let Ok(address) = std::fs::read_to_string(self.bundle.join("address")) {
+            remove_dead_socket(&address);
+        }
         Ok(DeleteResponse {
             pid: 0,
             exit_status: KILLED_EXIT_STATUS,
@@ -121,6 +124,25 @@ impl Shim for NutshellShim {
             Events::new(publisher, &self.namespace),
             self.exit.clone(),
         )
+    }
+}
+
+/// Removes the shim socket at `address` (`unix:///path`) unless a shim still
+/// answers on it: a shim killed with SIGKILL cannot remove its own.
+pub fn remove_dead_socket(address: &str) {
+    use std::os::unix::fs::FileTypeExt;
+    let path = Path::new(address.trim().trim_start_matches("unix://"));
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if !is_socket {
+        return;
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => tracing::debug!(path = %path.display(), "shim socket still served"),
+        Err(_) => {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove the shim socket");
+            }
+        }
     }
 }
 
@@ -148,5 +170,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(pod_of("c", &bundle_annotations(d.path())), "p");
+    }
+
+    #[test]
+    fn only_dead_sockets_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let live = d.path().join("live.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        remove_dead_socket(&format!("unix://{}", live.display()));
+        assert!(live.exists(), "a served socket stays");
+        let dead = d.path().join("dead.sock");
+        drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
+        remove_dead_socket(&format!("unix://{}\n", dead.display()));
+        assert!(!dead.exists(), "a dead socket goes");
+        let file = d.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        remove_dead_socket(file.to_str().unwrap());
+        assert!(file.exists(), "only sockets are touched");
     }
 }
