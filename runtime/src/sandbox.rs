@@ -5,7 +5,9 @@ use std::time::Duration;
 use nutshell_protocol::agent::Storage;
 
 use crate::agent::{AgentAddress, AgentClient, AgentError, DialOptions};
-use crate::hypervisor::{Hypervisor, HypervisorError, RunningVm, VmConfig, VmExit, SHARED_DIR_TAG};
+use crate::hypervisor::{
+    format_tail, Hypervisor, HypervisorError, RunningVm, VmConfig, VmExit, SHARED_DIR_TAG,
+};
 
 /// Where the agent mounts the pod's shared directory in the guest.
 pub const GUEST_SHARED_DIR: &str = "/run/nutshell/shared";
@@ -31,9 +33,17 @@ pub enum SandboxError {
     /// The VM did not start.
     #[error("cannot start the VM")]
     Launch(#[from] HypervisorError),
-    /// The VM started but its agent did not answer (the VM has been killed).
+    /// The VM ended before its agent answered (the source quotes its
+    /// console).
     #[error("the VM's agent is not reachable")]
     Agent(#[from] AgentError),
+    /// The VM ran but its agent did not answer; the VM has been killed.
+    #[error("the VM's agent is not reachable (the VM was killed); {console}")]
+    AgentUnreachable {
+        console: String,
+        #[source]
+        source: AgentError,
+    },
 }
 
 /// A running VM and its healthy agent.
@@ -56,10 +66,14 @@ impl Sandbox {
         let address = AgentAddress::hybrid_vsock(vm.agent_socket());
         match AgentClient::connect(&address, dial, Some(vm.end_watch())).await {
             Ok(agent) => Ok(Self { vm, agent }),
-            Err(e) => {
+            Err(e @ AgentError::VmEnded { .. }) => Err(e.into()),
+            Err(source) => {
                 let exit = vm.kill().await;
                 tracing::warn!(vm = %config.id, %exit, "agent unreachable, VM killed");
-                Err(e.into())
+                Err(SandboxError::AgentUnreachable {
+                    console: format_tail(&exit.console_tail),
+                    source,
+                })
             }
         }
     }

@@ -586,6 +586,39 @@ fn a_guest_that_dies_early_is_reported_with_its_console() {
     });
 }
 
+/// An agent that never answers (it listens on another port) fails the dial
+/// at its deadline, the VM is killed, and the error quotes the console.
+#[test]
+fn an_agent_that_never_answers_fails_at_the_deadline() {
+    let Some(hv) = prerequisites() else { return };
+    vm_test(Duration::from_secs(300), || async move {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = vm_config("never-answers", tmp.path(), None);
+        config.kernel_params = vec!["nutshell.agent_port=2000".into()];
+        let state = config.state_dir.clone();
+        let deadline = Duration::from_secs(8);
+        let dial = DialOptions {
+            deadline,
+            ..dial_options()
+        };
+        let t = Instant::now();
+        let e = Sandbox::start(&hv, &config, &dial).await.unwrap_err();
+        let took = t.elapsed();
+        let text = format!("{:#}", ErrChain(&e));
+        eprintln!("failed after {took:?}: {text}");
+        assert!(
+            took >= deadline && took < deadline + Duration::from_secs(8),
+            "{took:?}"
+        );
+        assert!(text.contains("did not answer within 8s"), "{text}");
+        assert!(
+            text.contains("the VM was killed") && text.contains("last console lines"),
+            "{text}"
+        );
+        assert_nothing_left(tmp.path(), &state);
+    });
+}
+
 /// Formats an error with its sources.
 struct ErrChain<'a>(&'a dyn std::error::Error);
 

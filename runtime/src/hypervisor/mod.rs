@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub(crate) use console::format_tail;
 pub use console::sanitize_line;
 pub use memory::{host_memory, HostMemory};
 pub use vm::{ProcessRole, ProcessStatus, RunningVm, VmEndWatch, VmExit};
