@@ -40,8 +40,20 @@ const CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k pa
 const MEMORY_MIB: u64 = 256;
 const LIMIT: Duration = Duration::from_secs(180);
 
+/// PVH: `hvm_start_info`, its memory map, 32-bit protected-mode entry.
 #[test]
-fn real_kernel_early_boot_on_our_serial() {
+fn real_kernel_early_boot_via_pvh() {
+    early_boot(false);
+}
+
+/// The 64-bit boot protocol: zero page, e820 table, identity-mapped page
+/// tables, GDT, long-mode entry.
+#[test]
+fn real_kernel_early_boot_via_64bit_boot_protocol() {
+    early_boot(true);
+}
+
+fn early_boot(force_64bit_protocol: bool) {
     let kvm = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -68,7 +80,7 @@ fn real_kernel_early_boot_on_our_serial() {
         vmlinux,
         initrd: None,
         cmdline: CMDLINE.into(),
-        force_64bit_protocol: false,
+        force_64bit_protocol,
     }));
     config.memory_mib = MEMORY_MIB;
     config.serial = SerialOutput::File(serial.clone());
@@ -79,7 +91,7 @@ fn real_kernel_early_boot_on_our_serial() {
     let took = started.elapsed();
     let console = std::fs::read_to_string(&serial).unwrap();
     eprintln!(
-        "early boot: {} console lines in {took:.1?}; ended: {reason}",
+        "early boot (64-bit protocol: {force_64bit_protocol}): {} console lines in {took:.1?}; ended: {reason}",
         console.lines().count()
     );
 
