@@ -619,6 +619,45 @@ fn an_agent_that_never_answers_fails_at_the_deadline() {
     });
 }
 
+/// The client speaks to the real agent on a host Unix socket too (how it is
+/// tried out without a guest): Health with the protocol check, then
+/// GuestDetails reporting the host's own kernel.
+#[test]
+fn the_client_speaks_to_the_agent_on_a_unix_socket() {
+    let Some(agent_bin) = nutshell_tests::agent_binary() else {
+        require(
+            false,
+            "needs the nutshell-agent binary (tools/build-agent.sh)",
+        );
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("agent.sock");
+    let mut agent = std::process::Command::new(agent_bin)
+        .arg("--listen")
+        .arg(format!("unix://{}", socket.display()))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = rt.block_on(async {
+        let opts = DialOptions {
+            deadline: Duration::from_secs(20),
+            ..DialOptions::default()
+        };
+        let client = AgentClient::connect(&AgentAddress::Unix(socket.clone()), &opts, None).await?;
+        client.guest_details().await
+    });
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let details = result.unwrap_or_else(|e| panic!("{:#}", ErrChain(&e)));
+    assert_eq!(details.kernel_release, host_kernel_release());
+    assert!(!details.pid1);
+}
+
 /// Formats an error with its sources.
 struct ErrChain<'a>(&'a dyn std::error::Error);
 
