@@ -990,3 +990,46 @@ async fn large_output_arrives_intact() {
     assert_eq!(a.wait("big", "").await.exit_status, 0);
     a.remove("big").await;
 }
+
+#[tokio::test]
+async fn user_groups_cwd_env_umask_and_rlimits_apply() {
+    let Some(a) = Agent::start().await else {
+        return;
+    };
+    let mut s = sh(
+        &a,
+        "id -u; id -g; id -G; pwd; echo $FOO; umask; ulimit -n; grep CapEff /proc/self/status",
+    );
+    s["process"]["user"] =
+        json!({ "uid": 65534, "gid": 65534, "additionalGids": [10, 20], "umask": 23 });
+    s["process"]["cwd"] = json!("/tmp");
+    s["process"]["env"] = json!(["PATH=/bin", "FOO=bar"]);
+    s["process"]["rlimits"] = json!([{ "type": "RLIMIT_NOFILE", "hard": 512, "soft": 256 }]);
+    s["process"]["capabilities"] = json!({
+        "bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"],
+        // A non-root process keeps capabilities across execve only as ambient.
+        "inheritable": ["CAP_KILL"], "ambient": ["CAP_KILL"]
+    });
+    let (exit, out, err) = a.run_to_end("user", &s).await;
+    assert_eq!(exit.exit_status, 0, "stderr: {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[..7],
+        [
+            "65534",
+            "65534",
+            "65534 10 20",
+            "/tmp",
+            "bar",
+            "0027",
+            "256"
+        ],
+        "{out}"
+    );
+    // CAP_KILL is bit 5.
+    assert_eq!(
+        lines[7].split_whitespace().nth(1),
+        Some("0000000000000020"),
+        "{out}"
+    );
+}
