@@ -114,6 +114,11 @@ impl VmmControl {
         let _ = self.kick.write(1);
     }
 
+    /// vCPUs parked by [`VmmControl::pause`] so far.
+    pub fn parked_vcpus(&self) -> usize {
+        self.pause.parked()
+    }
+
     /// Unparks the vCPUs.
     pub fn resume(&self) {
         self.pause.resume();
@@ -372,7 +377,6 @@ impl Vmm {
                 )));
             }
         }
-        let mut was_paused = false;
         while !self.exit.is_stopping() {
             if let Some(t) = self.timeout {
                 if started.elapsed() >= t {
@@ -384,11 +388,12 @@ impl Vmm {
                 self.exit
                     .request(ExitReason::HostError(format!("event loop failed: {e:?}")));
             }
+            // A kick can land just before a vCPU enters KVM_RUN and be
+            // lost: keep kicking until every vCPU is parked.
             let paused = self.pause.is_paused();
-            if paused && !was_paused {
+            if paused && self.pause.parked() < handles.len() {
                 handles.iter().for_each(VcpuHandle::kick);
             }
-            was_paused = paused;
         }
         for h in handles {
             h.stop(Duration::from_secs(2));

@@ -122,8 +122,15 @@ fn shutdown_from_another_thread_ends_a_spinning_guest() {
     let t = std::thread::spawn(move || vmm.run());
     std::thread::sleep(Duration::from_millis(100));
     control.pause();
-    std::thread::sleep(Duration::from_millis(50));
     assert_eq!(control.state(), nutshell_vmm::vmm::VmState::Paused);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while control.parked_vcpus() < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the vCPU never parked"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     control.resume();
     control.shutdown();
     assert_eq!(t.join().unwrap(), ExitReason::HostShutdown);

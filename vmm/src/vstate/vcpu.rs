@@ -48,6 +48,7 @@ pub enum VcpuError {
 pub struct PauseGate {
     paused: Mutex<bool>,
     cond: Condvar,
+    parked: std::sync::atomic::AtomicUsize,
 }
 
 impl PauseGate {
@@ -71,7 +72,18 @@ impl PauseGate {
         self.paused.lock().map(|p| *p).unwrap_or(false)
     }
 
+    /// vCPUs currently parked.
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::SeqCst)
+    }
+
     fn wait_while_paused(&self, exit: &ExitSignal) {
+        self.parked.fetch_add(1, Ordering::SeqCst);
+        self.park(exit);
+        self.parked.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn park(&self, exit: &ExitSignal) {
         let Ok(mut p) = self.paused.lock() else {
             return;
         };
