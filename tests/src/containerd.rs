@@ -36,6 +36,8 @@ pub const NUTSHELL_HANDLER: &str = "nutshell";
 pub const NUTSHELL_RUN_DIR: &str = "/run/nutshell";
 /// containerd namespace the tests use.
 pub const NAMESPACE: &str = "nutshell-test";
+/// The namespace of containerd's CRI plugin.
+pub const CRI_NAMESPACE: &str = "k8s.io";
 
 /// Serialises the tests that drive VMs: the machine has 2 cores, and a
 /// leak check must not see another test's VM.
@@ -156,13 +158,18 @@ impl Containerd {
             (&images.pause, PAUSE_IMAGE),
         ] {
             let base = name.rsplit_once(':').map_or(name, |(b, _)| b);
-            c.ctr_ok(&[
-                "images",
-                "import",
-                "--base-name",
-                base,
-                &tar.display().to_string(),
-            ])?;
+            let tar = tar.display().to_string();
+            // Once for ctr, once for the CRI plugin, which only sees k8s.io.
+            for ns in [NAMESPACE, CRI_NAMESPACE] {
+                let args = ["images", "import", "--base-name", base, &tar];
+                let out = c.ctr_in(ns, &args).stdin(Stdio::null()).output()?;
+                if !out.status.success() {
+                    return Err(io::Error::other(format!(
+                        "ctr images import into {ns} failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    )));
+                }
+            }
         }
         Ok(c)
     }
@@ -250,10 +257,15 @@ impl Containerd {
 
     /// A `ctr` command bound to this containerd and [`NAMESPACE`].
     pub fn ctr(&self, args: &[&str]) -> Command {
+        self.ctr_in(NAMESPACE, args)
+    }
+
+    /// A `ctr` command bound to this containerd and namespace `ns`.
+    pub fn ctr_in(&self, ns: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new("ctr");
         cmd.arg("--address")
             .arg(&self.socket)
-            .args(["--namespace", NAMESPACE])
+            .args(["--namespace", ns])
             .args(args);
         cmd
     }
@@ -324,20 +336,33 @@ impl Containerd {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
-    /// Kills and deletes every task and container left in [`NAMESPACE`].
+    /// Kills and deletes every task and container left in [`NAMESPACE`] and
+    /// [`CRI_NAMESPACE`].
     pub fn remove_everything(&self) {
-        let tasks = self.ctr_ok(&["tasks", "list", "-q"]).unwrap_or_default();
-        for id in tasks.lines().map(str::trim).filter(|l| !l.is_empty()) {
-            let _ = self
-                .ctr(&["tasks", "kill", "-a", "-s", "SIGKILL", id])
-                .output();
-            let _ = self.ctr(&["tasks", "delete", "-f", id]).output();
-        }
-        let containers = self
-            .ctr_ok(&["containers", "list", "-q"])
-            .unwrap_or_default();
-        for id in containers.lines().map(str::trim).filter(|l| !l.is_empty()) {
-            let _ = self.ctr(&["containers", "delete", id]).output();
+        for ns in [NAMESPACE, CRI_NAMESPACE] {
+            let list = |what: &str| {
+                self.ctr_in(ns, &[what, "list", "-q"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            };
+            for id in list("tasks")
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+            {
+                let _ = self
+                    .ctr_in(ns, &["tasks", "kill", "-a", "-s", "SIGKILL", id])
+                    .output();
+                let _ = self.ctr_in(ns, &["tasks", "delete", "-f", id]).output();
+            }
+            for id in list("containers")
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+            {
+                let _ = self.ctr_in(ns, &["containers", "delete", id]).output();
+            }
         }
     }
 }

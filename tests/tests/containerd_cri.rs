@@ -1,0 +1,213 @@
+//! The Kubernetes path: a CRI client (`k8s-cri`, as the kubelet speaks it)
+//! on a private containerd's socket runs a pod with `runtime_handler:
+//! "nutshell"`: one VM for the sandbox and both of its containers.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, ContainerStatsRequest, CreateContainerRequest,
+    ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemoveContainerRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
+    StopPodSandboxRequest,
+};
+use nutshell_tests::containerd::{
+    guest_kernel_release, prerequisites, serial, test_nutshell_config, Containerd, Footprint,
+    BUSYBOX_IMAGE, NUTSHELL_HANDLER, NUTSHELL_RUN_DIR,
+};
+use nutshell_tests::require;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+async fn cri_client(socket: PathBuf) -> RuntimeServiceClient<Channel> {
+    let channel = Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("CRI socket connects");
+    RuntimeServiceClient::new(channel)
+}
+
+/// QEMU processes serving pod `pod`.
+fn vms_of(pod: &str) -> usize {
+    Footprint::now()
+        .processes
+        .iter()
+        .filter(|(pid, name)| {
+            name == "qemu-system-x86_64"
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| {
+                        String::from_utf8_lossy(&c).contains(&format!("{NUTSHELL_RUN_DIR}/{pod}/"))
+                    })
+                    .unwrap_or(false)
+        })
+        .count()
+}
+
+#[test]
+fn a_cri_pod_with_two_containers_runs_in_one_vm() {
+    let _g = serial();
+    let ready = prerequisites();
+    if !require(
+        ready.is_ok(),
+        ready.as_ref().err().map_or("", String::as_str),
+    ) {
+        return;
+    }
+    let before = Footprint::now();
+    let c = Containerd::start(&test_nutshell_config("")).expect("private containerd starts");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut cri = cri_client(c.socket.clone()).await;
+        let logs = c.dir().join("pod-logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        let pod_config = PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: "nutshell-pod".into(),
+                uid: "0b5a7c9e-nutshell".into(),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            hostname: "nutshell-pod".into(),
+            log_directory: logs.display().to_string(),
+            linux: Some(LinuxPodSandboxConfig {
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(NamespaceOption {
+                        network: NamespaceMode::Node as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            labels: HashMap::from([("app".to_string(), "nutshell-test".to_string())]),
+            ..Default::default()
+        };
+        let pod = cri
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(pod_config.clone()),
+                runtime_handler: NUTSHELL_HANDLER.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.log_tail(80)))
+            .into_inner()
+            .pod_sandbox_id;
+
+        let mut ids = Vec::new();
+        for name in ["first", "second"] {
+            let id = cri
+                .create_container(CreateContainerRequest {
+                    pod_sandbox_id: pod.clone(),
+                    config: Some(ContainerConfig {
+                        metadata: Some(ContainerMetadata {
+                            name: name.into(),
+                            attempt: 0,
+                        }),
+                        image: Some(ImageSpec {
+                            image: BUSYBOX_IMAGE.into(),
+                            ..Default::default()
+                        }),
+                        command: vec![
+                            "sh".into(),
+                            "-c".into(),
+                            format!("echo {name} started; while true; do sleep 1; done"),
+                        ],
+                        log_path: format!("{name}.log"),
+                        ..Default::default()
+                    }),
+                    sandbox_config: Some(pod_config.clone()),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", c.log_tail(80)))
+                .into_inner()
+                .container_id;
+            cri.start_container(StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("StartContainer {name}: {e}\n{}", c.log_tail(80)));
+            ids.push(id);
+        }
+        assert_eq!(vms_of(&pod), 1, "exactly one VM serves the pod");
+
+        let exec = cri
+            .exec_sync(ExecSyncRequest {
+                container_id: ids[1].clone(),
+                cmd: vec!["sh".into(), "-c".into(), "uname -r; hostname".into()],
+                timeout: 120,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ExecSync: {e}\n{}", c.log_tail(80)))
+            .into_inner();
+        assert_eq!(
+            exec.exit_code,
+            0,
+            "{}",
+            String::from_utf8_lossy(&exec.stderr)
+        );
+        let out = String::from_utf8_lossy(&exec.stdout).into_owned();
+        let mut lines = out.lines();
+        assert_eq!(lines.next(), guest_kernel_release().as_deref(), "{out}");
+        assert_eq!(lines.next(), Some("nutshell-pod"), "{out}");
+
+        let stats = cri
+            .container_stats(ContainerStatsRequest {
+                container_id: ids[0].clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ContainerStats: {e}\n{}", c.log_tail(80)))
+            .into_inner()
+            .stats
+            .expect("stats");
+        let mem = stats
+            .memory
+            .and_then(|m| m.working_set_bytes)
+            .map_or(0, |v| v.value);
+        let cpu = stats
+            .cpu
+            .and_then(|c| c.usage_core_nano_seconds)
+            .map_or(0, |v| v.value);
+        assert!(mem > 0 && cpu > 0, "memory {mem}, cpu {cpu}");
+
+        // The first container's output reached its CRI log.
+        let log = std::fs::read_to_string(logs.join("first.log")).unwrap_or_default();
+        assert!(log.contains("first started"), "{log:?}");
+
+        for id in &ids {
+            cri.stop_container(StopContainerRequest {
+                container_id: id.clone(),
+                timeout: 2,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("StopContainer: {e}\n{}", c.log_tail(80)));
+            cri.remove_container(RemoveContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("RemoveContainer: {e}\n{}", c.log_tail(80)));
+        }
+        assert_eq!(vms_of(&pod), 1, "the VM outlives its containers");
+        cri.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", c.log_tail(80)));
+        cri.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", c.log_tail(80)));
+    });
+    let after = Footprint::settle_to(&before, Duration::from_secs(30));
+    assert_eq!(after, before, "log:\n{}", c.log_tail(80));
+}
