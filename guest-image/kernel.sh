@@ -8,11 +8,19 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
+# The lines of a fragment that set something: CONFIG_X=... and
+# "# CONFIG_X is not set".
+config_lines() {
+  grep -hE '^(CONFIG_[A-Za-z0-9_]+=|# CONFIG_[A-Za-z0-9_]+ is not set$)' "$@" || true
+}
+
 kernel_key() {
   {
     echo "package $KERNEL_PACKAGE $(kernel_package_version)"
+    # The options, not the comments: rewording a fragment's explanation
+    # must not cost a kernel build.
     for f in "$GUEST_IMAGE_DIR"/config/*.config; do
-      echo "fragment $(basename "$f") $(sha256 "$f")"
+      echo "fragment $(basename "$f") $(config_lines "$f" | sha256sum | cut -d' ' -f1)"
     done
     echo "script $(sha256 "$GUEST_IMAGE_DIR/kernel.sh") $(sha256 "$GUEST_IMAGE_DIR/common.sh")"
   } | sha256sum | cut -d' ' -f1
@@ -29,7 +37,7 @@ verify_config() {
       sym=${BASH_REMATCH[1]}
       if grep -qE "^$sym=" "$config"; then missing+=("$line (got: $(grep -E "^$sym=" "$config"))"); fi
     fi
-  done < <(cat "$GUEST_IMAGE_DIR"/config/*.config)
+  done < <(config_lines "$GUEST_IMAGE_DIR"/config/*.config)
   if ((${#missing[@]})); then
     printf 'error: %d requested kernel option(s) did not survive olddefconfig (unmet dependencies?):\n' "${#missing[@]}" >&2
     printf '  %s\n' "${missing[@]}" >&2
@@ -99,7 +107,7 @@ main() {
   cat "$GUEST_IMAGE_DIR"/config/*.config >>"$out/.config"
   "${mk[@]}" olddefconfig >/dev/null 2>&1
   verify_config "$out/.config"
-  info "all $(grep -chE '^(CONFIG_|# CONFIG_.* is not set)' "$GUEST_IMAGE_DIR"/config/*.config | paste -sd+ | bc) requested options are in .config"
+  info "all $(config_lines "$GUEST_IMAGE_DIR"/config/*.config | wc -l) requested options are in .config"
 
   local jobs
   jobs=$(nproc)
