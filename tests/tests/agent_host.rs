@@ -749,6 +749,7 @@ async fn a_refused_oom_score_adj_is_an_error_naming_it() {
             msg.contains("oomScoreAdj") && msg.contains("-999"),
             "{code:?} {msg}"
         );
+        assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
         a.health().await;
     }
 }
@@ -1032,4 +1033,35 @@ async fn user_groups_cwd_env_umask_and_rlimits_apply() {
         Some("0000000000000020"),
         "{out}"
     );
+}
+
+#[tokio::test]
+async fn a_refused_rlimit_raise_is_an_error_naming_it() {
+    let Some(a) = Agent::start().await else {
+        return;
+    };
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", a.pid())).unwrap();
+    let hard: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|h| h.parse().ok())
+        .unwrap();
+    let mut s = sh(&a, "ulimit -Hn");
+    s["process"]["rlimits"] = json!([{ "type": "RLIMIT_NOFILE", "hard": hard + 1, "soft": 1024 }]);
+    if cap_sys_resource(a.pid()) {
+        let (exit, out, _) = a.run_to_end("rlimit", &s).await;
+        assert_eq!(
+            (exit.exit_status, out.trim().to_string()),
+            (0, (hard + 1).to_string())
+        );
+    } else {
+        let (code, msg) = status_of(&a.create("rlimit", &s, false).await.unwrap_err());
+        assert!(
+            msg.contains("RLIMIT_NOFILE") && msg.contains("CAP_SYS_RESOURCE"),
+            "{code:?} {msg}"
+        );
+        assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
+        a.health().await;
+    }
 }

@@ -48,6 +48,10 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), AgentError> {
 pub fn init_error(id: &str, msg: String) -> AgentError {
     if msg.starts_with("exec ") || msg.starts_with("process.") || msg.contains("is not supported") {
         AgentError::InvalidArgument(format!("container {id}: {msg}"))
+    } else if msg.contains("was refused") {
+        // The spec is fine but this host does not allow it (no
+        // CAP_SYS_RESOURCE for oom_score_adj or rlimits).
+        AgentError::FailedPrecondition(format!("container {id}: {msg}"))
     } else {
         AgentError::Internal(format!("container {id}: {msg}"))
     }
