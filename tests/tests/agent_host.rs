@@ -1065,3 +1065,68 @@ async fn a_refused_rlimit_raise_is_an_error_naming_it() {
         a.health().await;
     }
 }
+
+#[tokio::test]
+async fn masked_paths_readonly_paths_and_sysctls_apply() {
+    let Some(a) = Agent::start().await else {
+        return;
+    };
+    let host_forward = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+    let want = if host_forward.trim() == "1" { "0" } else { "1" };
+    let mut s = sh(
+        &a,
+        "wc -c < /proc/timer_list; cat /proc/sys/net/ipv4/ip_forward; echo 1 > /proc/sys/kernel/panic",
+    );
+    s["linux"]["sysctl"] = json!({ "net.ipv4.ip_forward": want });
+    let (exit, out, err) = a.run_to_end("masked", &s).await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines, ["0", want], "stdout {out:?} stderr {err:?}");
+    assert_ne!(exit.exit_status, 0);
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(),
+        host_forward,
+        "the host's sysctl is untouched"
+    );
+}
+
+#[tokio::test]
+async fn signal_all_reaches_every_process() {
+    let Some(a) = Agent::start().await else {
+        return;
+    };
+    a.run("all", &sh(&a, "sleep 100 & sleep 100 & echo started; wait"))
+        .await;
+    assert!(a.read_until("all", "", "started").await.contains("started"));
+    let procs = a
+        .client
+        .list_processes(
+            ctx(),
+            &pb::ListProcessesRequest {
+                container_id: "all".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(procs.processes.len(), 3, "{:?}", procs.processes);
+    let req = pb::SignalProcessRequest {
+        container_id: "all".into(),
+        signal: 9,
+        all: true,
+        ..Default::default()
+    };
+    a.client.signal_process(ctx(), &req).await.unwrap();
+    assert_eq!(a.wait("all", "").await.signal, 9);
+    for p in procs.processes {
+        assert!(
+            !Path::new(&format!("/proc/{}", p.pid)).exists()
+                || std::fs::read_to_string(format!("/proc/{}/stat", p.pid))
+                    .map(|s| s.contains(") Z "))
+                    .unwrap_or(true),
+            "pid {} survived",
+            p.pid
+        );
+    }
+    a.remove("all").await;
+}
