@@ -356,7 +356,13 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: pb::RemoveContainerRequest,
     ) -> ttrpc::Result<pb::Empty> {
-        self.engine.remove_container(&req.container_id).await?;
+        if req.exec_id.is_empty() {
+            self.engine.remove_container(&req.container_id).await?;
+        } else {
+            self.engine
+                .remove_exec(&req.container_id, &req.exec_id)
+                .await?;
+        }
         Ok(empty())
     }
 }

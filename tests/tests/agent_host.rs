@@ -467,6 +467,38 @@ async fn exec_shares_the_pid_namespace_and_the_init_is_pid_1() {
         "only the sleep is left: {:?}",
         procs.processes
     );
+    // Exec processes can be removed one by one; their ids are free again
+    // and nothing of them stays in the agent.
+    let fds = count_fds(a.pid());
+    for i in 0..30 {
+        a.exec("ex", "probe", &["sh", "-c", "echo probe"], false)
+            .await
+            .unwrap();
+        assert_eq!(
+            a.read_all("ex", "probe", false).await,
+            "probe\n",
+            "round {i}"
+        );
+        assert_eq!(a.wait("ex", "probe").await.exit_status, 0);
+        let rm = pb::RemoveContainerRequest {
+            container_id: "ex".into(),
+            exec_id: "probe".into(),
+            ..Default::default()
+        };
+        a.client.remove_container(ctx(), &rm).await.unwrap();
+    }
+    assert_eq!(
+        count_fds(a.pid()),
+        fds,
+        "descriptors of removed execs are closed"
+    );
+    let req = pb::WaitProcessRequest {
+        container_id: "ex".into(),
+        exec_id: "probe".into(),
+        ..Default::default()
+    };
+    let (code, _) = status_of(&a.client.wait_process(ctx(), &req).await.unwrap_err());
+    assert_eq!(code, ttrpc::Code::NOT_FOUND);
     a.remove("ex").await;
 }
 

@@ -614,6 +614,32 @@ impl Engine {
             .ok_or_else(|| AgentError::internal("the OOM event stream ended"))
     }
 
+    /// RemoveContainer with an exec id: forgets one exec process (killing
+    /// it first if it still runs), so long-lived containers with many execs
+    /// (probes) do not accumulate them.
+    pub async fn remove_exec(&self, id: &str, exec_id: &str) -> Result<()> {
+        let c = self.container(id)?;
+        let p = c.process(exec_id)?;
+        if p.pid == c.init.pid {
+            return Err(AgentError::FailedPrecondition(format!(
+                "container {id}: exec {exec_id:?} is still being created"
+            )));
+        }
+        let _ = p.signal(Signal::SIGKILL);
+        if tokio::time::timeout(KILL_TIMEOUT, p.wait()).await.is_err() {
+            return Err(AgentError::internal(format!(
+                "container {id}: exec {exec_id:?} (pid {}) did not exit after SIGKILL",
+                p.pid
+            )));
+        }
+        p.close_output();
+        c.execs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(exec_id);
+        Ok(())
+    }
+
     /// RemoveContainer: kills what is left, waits for it, frees the rest.
     pub async fn remove_container(&self, id: &str) -> Result<()> {
         let c = self.container(id)?;
