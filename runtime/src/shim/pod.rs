@@ -21,8 +21,10 @@ use super::sizing::VmSize;
 use super::state::{check_id, pod_dir, record_processes, shared_dir, PodRecord};
 use super::ShimError;
 
-/// How long the guest gets to power off after DestroySandbox.
-const POWEROFF_GRACE: Duration = Duration::from_secs(5);
+/// How long the guest gets to power off after DestroySandbox before QEMU
+/// is told to stop. Every container is gone by then and their files live
+/// on the host, so nothing in the guest is worth waiting longer for.
+const POWEROFF_GRACE: Duration = Duration::from_secs(1);
 
 /// What a pod is started with.
 #[derive(Debug, Clone)]
