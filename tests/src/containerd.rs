@@ -127,6 +127,12 @@ impl Containerd {
     /// Writes the config, starts containerd, waits until it answers and
     /// imports the busybox and pause images.
     pub fn start(nutshell_config: &str) -> io::Result<Self> {
+        Self::start_with(nutshell_config, None)
+    }
+
+    /// Like [`Self::start`], but the CRI runtime option `ConfigPath` names a
+    /// second config, `cri_config`, instead of the one in `NUTSHELL_CONFIG`.
+    pub fn start_with(nutshell_config: &str, cri_config: Option<&str>) -> io::Result<Self> {
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Short: containerd's socket path must fit in sun_path.
@@ -140,10 +146,18 @@ impl Containerd {
         symlink(&shim, dir.join("bin/containerd-shim-nutshell-v2"))?;
         let nutshell_config_path = dir.join("nutshell.toml");
         fs::write(&nutshell_config_path, nutshell_config)?;
+        let cri_config_path = match cri_config {
+            Some(text) => {
+                let p = dir.join("nutshell-cri.toml");
+                fs::write(&p, text)?;
+                p
+            }
+            None => nutshell_config_path.clone(),
+        };
         let socket = dir.join("containerd.sock");
         fs::write(
             dir.join("config.toml"),
-            containerd_config(&dir, &socket, &nutshell_config_path),
+            containerd_config(&dir, &socket, &cri_config_path),
         )?;
         let mut c = Self {
             dir,

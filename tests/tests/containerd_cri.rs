@@ -10,8 +10,8 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerStatsRequest, CreateContainerRequest,
-    ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemoveContainerRequest,
+    ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount,
+    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemoveContainerRequest,
     RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
     StopPodSandboxRequest,
 };
@@ -65,7 +65,24 @@ fn a_cri_pod_with_two_containers_runs_in_one_vm() {
         return;
     }
     let before = Footprint::now();
-    let c = Containerd::start(&test_nutshell_config("")).expect("private containerd starts");
+    // The CRI runtime option ConfigPath must win over $NUTSHELL_CONFIG,
+    // whose kernel does not exist.
+    let env_config = test_nutshell_config("").replace(
+        &format!(
+            "kernel = \"{}\"",
+            nutshell_tests::guest_dir().join("vmlinux").display()
+        ),
+        "kernel = \"/nonexistent/only-in-the-env-config\"",
+    );
+    assert!(env_config.contains("only-in-the-env-config"));
+    let c = Containerd::start_with(&env_config, Some(&test_nutshell_config("")))
+        .expect("private containerd starts");
+    // Host directories for the pod's volumes: one read-only, one writable.
+    let ro_dir = c.dir().join("vol-ro");
+    let rw_dir = c.dir().join("vol-rw");
+    std::fs::create_dir_all(&ro_dir).unwrap();
+    std::fs::create_dir_all(&rw_dir).unwrap();
+    std::fs::write(ro_dir.join("hello"), "hello-from-host\n").unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let mut cri = cri_client(c.socket.clone()).await;
@@ -123,6 +140,19 @@ fn a_cri_pod_with_two_containers_runs_in_one_vm() {
                             format!("echo {name} started; while true; do sleep 1; done"),
                         ],
                         log_path: format!("{name}.log"),
+                        mounts: vec![
+                            Mount {
+                                container_path: "/data".into(),
+                                host_path: ro_dir.display().to_string(),
+                                readonly: true,
+                                ..Default::default()
+                            },
+                            Mount {
+                                container_path: "/scratch".into(),
+                                host_path: rw_dir.display().to_string(),
+                                ..Default::default()
+                            },
+                        ],
                         ..Default::default()
                     }),
                     sandbox_config: Some(pod_config.clone()),
@@ -143,7 +173,14 @@ fn a_cri_pod_with_two_containers_runs_in_one_vm() {
         let exec = cri
             .exec_sync(ExecSyncRequest {
                 container_id: ids[1].clone(),
-                cmd: vec!["sh".into(), "-c".into(), "uname -r; hostname".into()],
+                cmd: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "uname -r; hostname; cat /data/hello; \
+                     if touch /data/new 2>/dev/null; then echo writable; else echo read-only; fi; \
+                     echo from-the-pod > /scratch/out; grep -c localhost /etc/hosts"
+                        .into(),
+                ],
                 timeout: 120,
             })
             .await
@@ -159,6 +196,27 @@ fn a_cri_pod_with_two_containers_runs_in_one_vm() {
         let mut lines = out.lines();
         assert_eq!(lines.next(), guest_kernel_release().as_deref(), "{out}");
         assert_eq!(lines.next(), Some("nutshell-pod"), "{out}");
+        assert_eq!(
+            lines.next(),
+            Some("hello-from-host"),
+            "a host volume is visible: {out}"
+        );
+        assert_eq!(
+            lines.next(),
+            Some("read-only"),
+            "a read-only volume stays read-only: {out}"
+        );
+        let hosts: u32 = lines
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0);
+        assert!(hosts >= 1, "CRI's /etc/hosts reaches the container: {out}");
+        assert!(!ro_dir.join("new").exists());
+        assert_eq!(
+            std::fs::read_to_string(rw_dir.join("out")).unwrap_or_default(),
+            "from-the-pod\n",
+            "a writable volume writes through to the host"
+        );
 
         let stats = cri
             .container_stats(ContainerStatsRequest {
