@@ -135,6 +135,43 @@ fn ctr_run_relays_piped_stdin_a_terminal_and_a_log_file() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(logged.contains("to-the-log"), "{logged:?}");
+
+    // binary:// log URI: a logging program reads stdout on fd 3 and stderr
+    // on fd 4, and closes fd 5 once it is ready.
+    let logger = c.dir().join("logger.sh");
+    let out_file = c.dir().join("binary.log");
+    std::fs::write(
+        &logger,
+        format!(
+            "#!/bin/sh\nexec 5>&-\ncat <&3 > {out}.out &\ncat <&4 > {out}.err\nwait\necho \"$1=$2\" >> {out}.out\n",
+            out = out_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let uri = format!("binary://{}?mode=test", logger.display());
+    let out = c
+        .run_nutshell(
+            "logbin1",
+            &["--log-uri", &uri],
+            &["sh", "-c", "echo via-binary; echo err-via-binary >&2"],
+        )
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut logged = String::new();
+    for _ in 0..50 {
+        logged = std::fs::read_to_string(format!("{}.out", out_file.display())).unwrap_or_default();
+        if logged.contains("mode=test") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        logged.contains("via-binary") && logged.contains("mode=test"),
+        "{logged:?}"
+    );
+    let errs = std::fs::read_to_string(format!("{}.err", out_file.display())).unwrap_or_default();
+    assert!(errs.contains("err-via-binary"), "{errs:?}");
     assert_clean(&c, &before);
 }
 
@@ -189,6 +226,25 @@ fn ctr_task_exec_ps_metrics_pause_resume_and_kill() {
         .unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), "hi");
+
+    // Piped stdin of an exec reaches EOF (ctr closes it, with CloseIO), so
+    // cat ends.
+    let mut child = c
+        .ctr(&["task", "exec", "--exec-id", "cat1", "busy1", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"piped-in\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "piped-in");
 
     let ps = c.ctr_ok(&["task", "ps", "busy1"]).unwrap();
     let pids: Vec<&str> = ps
