@@ -55,6 +55,9 @@ pub enum VmmError {
     /// Loading Linux failed.
     #[error("Failed to load the guest kernel.")]
     Linux(#[from] linux::LinuxBootError),
+    /// Writing the MP table failed.
+    #[error("Failed to write the MP table.")]
+    Mptable(#[from] crate::arch::mptable::MptableError),
     /// Placing a payload failed.
     #[error("Failed to load the payload.")]
     Payload(#[from] boot::PayloadError),
@@ -281,7 +284,11 @@ impl Vmm {
                     l.cmdline.push(' ');
                     l.cmdline.push_str(d);
                 }
-                linux::load(&mem, mem_size, &l)?
+                let entry = linux::load(&mem, mem_size, &l)?;
+                if config.irqchip {
+                    crate::arch::mptable::write(&mem, config.vcpus)?;
+                }
+                entry
             }
             BootSource::Payload {
                 code,

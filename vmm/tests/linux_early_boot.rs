@@ -83,6 +83,8 @@ fn early_boot(force_64bit_protocol: bool) {
         force_64bit_protocol,
     }));
     config.memory_mib = MEMORY_MIB;
+    // Two vCPUs with PVH: the MP table and CPUID topology must agree.
+    config.vcpus = if force_64bit_protocol { 1 } else { 2 };
     config.serial = SerialOutput::File(serial.clone());
     config.timeout = Some(LIMIT);
 
@@ -109,6 +111,9 @@ fn early_boot(force_64bit_protocol: bool) {
         assert!(console.contains(&want), "missing `{want}`:\n{console}");
     }
     assert!(console.contains("Hypervisor detected: KVM"), "{console}");
+    assert!(console.contains("MPTABLE: OEM ID: NUTSHELL"), "{console}");
+    let cpus = format!("smpboot: Allowing {} CPUs, 0 hotplug CPUs", config.vcpus);
+    assert!(console.contains(&cpus), "missing `{cpus}`:\n{console}");
     assert!(console.contains("kvm-clock: "), "{console}");
     assert!(
         console.contains("printk: console [ttyS0] enabled"),
