@@ -1162,3 +1162,69 @@ async fn signal_all_reaches_every_process() {
     }
     a.remove("all").await;
 }
+
+/// A protobuf length-delimited field.
+fn pb_field(field: u8, data: &[u8]) -> Vec<u8> {
+    let mut out = vec![(field << 3) | 2];
+    let mut n = data.len();
+    loop {
+        if n < 0x80 {
+            out.push(n as u8);
+            break;
+        }
+        out.push((n as u8 & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    out.extend_from_slice(data);
+    out
+}
+
+/// One raw ttrpc request frame (the client library refuses to send an
+/// oversized one, so the agent's side is driven by hand).
+fn ttrpc_frame(stream: u32, method: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = pb_field(1, b"nutshell.agent.v1.Agent");
+    body.extend(pb_field(2, method.as_bytes()));
+    body.extend(pb_field(3, payload));
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend(stream.to_be_bytes());
+    frame.extend([1u8, 0u8]);
+    frame.extend(body);
+    frame
+}
+
+fn read_frame(s: &mut std::os::unix::net::UnixStream) -> (u32, Vec<u8>) {
+    use std::io::Read;
+    let mut hdr = [0u8; 10];
+    s.read_exact(&mut hdr).unwrap();
+    let len = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) as usize;
+    let stream = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    (stream, body)
+}
+
+#[tokio::test]
+async fn an_oversized_frame_is_refused_and_the_connection_goes_on() {
+    use std::io::Write;
+    let Some(a) = Agent::start().await else {
+        return;
+    };
+    let sock = a.sock.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(CALL_TIMEOUT)).unwrap();
+        s.write_all(&ttrpc_frame(1, "CreateContainer", &vec![b'x'; 5 << 20]))
+            .unwrap();
+        let (stream, body) = read_frame(&mut s);
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(stream, 1);
+        assert!(text.contains("exceed maximum message size"), "{text}");
+        s.write_all(&ttrpc_frame(3, "Health", &[])).unwrap();
+        let (stream, body) = read_frame(&mut s);
+        assert_eq!(stream, 3);
+        assert!(String::from_utf8_lossy(&body).contains("SERVING"));
+    })
+    .await
+    .unwrap();
+    a.health().await;
+}
