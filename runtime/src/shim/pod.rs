@@ -106,10 +106,18 @@ impl Pod {
     ) -> Result<Sandbox, ShimError> {
         let hypervisor: Box<dyn Hypervisor> = match config.vm.backend {
             // The own VMM is not wired into the runtime yet; `auto` means
-            // QEMU until it is (QEMU itself picks KVM or TCG).
-            Backend::Qemu | Backend::Auto => Box::new(QemuHypervisor::discover().map_err(|e| {
-                ShimError::FailedPrecondition(format!("the qemu backend is not usable: {}", chain(&e)))
-            })?),
+            // QEMU until it is, on KVM where the probe says KVM can run a
+            // Linux guest, on TCG otherwise.
+            Backend::Qemu | Backend::Auto => Box::new(
+                QemuHypervisor::discover()
+                    .map_err(|e| {
+                        ShimError::FailedPrecondition(format!(
+                            "the qemu backend is not usable: {}",
+                            chain(&e)
+                        ))
+                    })?
+                    .with_kvm_usable(kvm_can_run_linux().await),
+            ),
             Backend::Vmm => {
                 return Err(ShimError::FailedPrecondition(format!(
                     "vm.backend = \"vmm\" in {}: the nutshell-vmm backend is not available in this build; use \"qemu\" or \"auto\"",
@@ -201,6 +209,38 @@ impl Pod {
         tracing::info!(pod = %self.id, %exit, "pod's VM ended");
         undo_dirs(&self.dir).await;
     }
+}
+
+/// Whether this host's KVM can run a Linux guest (nutshell-vmm's CPL0
+/// `int3` probe, a few milliseconds), asked once per shim.
+async fn kvm_can_run_linux() -> bool {
+    static VERDICT: tokio::sync::OnceCell<bool> = tokio::sync::OnceCell::const_new();
+    *VERDICT
+        .get_or_init(|| async {
+            if !Path::new("/dev/kvm").exists() {
+                return false;
+            }
+            let r = tokio::task::spawn_blocking(|| {
+                nutshell_vmm::probe::probe_kvm(Duration::from_secs(2))
+            })
+            .await;
+            match r {
+                Ok(Ok(nutshell_vmm::probe::ProbeVerdict::CanRunLinux)) => true,
+                Ok(Ok(nutshell_vmm::probe::ProbeVerdict::CannotRunLinux { detail })) => {
+                    tracing::info!(%detail, "KVM cannot run a Linux guest here: QEMU uses TCG");
+                    false
+                }
+                Ok(Err(e)) => {
+                    tracing::info!(error = %e, "KVM probe failed: QEMU uses TCG");
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "KVM probe task failed");
+                    false
+                }
+            }
+        })
+        .await
 }
 
 /// Names the config key and file when a guest asset is missing: the most
