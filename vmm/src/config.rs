@@ -66,6 +66,8 @@ pub struct VmConfig {
     pub boot: BootSource,
     /// The serial console's destination.
     pub serial: SerialOutput,
+    /// Feed the VMM's stdin to the serial console (interactive debugging).
+    pub serial_stdin: bool,
     /// Create the in-kernel PIC/IOAPIC/PIT (Linux needs it; payloads that
     /// stop with `hlt` must not have it, or `hlt` never reaches us).
     pub irqchip: bool,
@@ -89,6 +91,7 @@ impl VmConfig {
             vcpus: 1,
             boot,
             serial: SerialOutput::Stdout,
+            serial_stdin: false,
             irqchip: true,
             devices: Vec::new(),
             timeout: None,

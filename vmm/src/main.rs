@@ -35,6 +35,9 @@ struct Args {
     /// Serial console: `stdout`, `none` or a file path.
     #[arg(long, default_value = "stdout")]
     serial: String,
+    /// Feed stdin to the serial console (e.g. with `rdinit=/bin/sh`).
+    #[arg(long)]
+    stdin_console: bool,
     /// Use the Linux 64-bit boot protocol even if the kernel supports PVH.
     #[arg(long)]
     no_pvh: bool,
@@ -122,6 +125,7 @@ fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
         path => SerialOutput::File(path.into()),
     };
     config.devices = devices;
+    config.serial_stdin = args.stdin_console;
     config.timeout = args.timeout_ms.map(Duration::from_millis);
     config.api_socket = args.api_socket.clone();
     config.harden = !args.no_seccomp;

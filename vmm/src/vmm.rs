@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,9 @@ use crate::boot::{self, linux, BootEntry};
 use crate::config::{BootSource, SerialOutput, VirtioDeviceConfig, VmConfig};
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
-use crate::devices::serial::{ConsoleWriter, SerialDevice, SharedTail, COM1_BASE, COM1_LEN};
+use crate::devices::serial::{
+    ConsoleWriter, SerialDevice, SerialInput, SharedTail, COM1_BASE, COM1_LEN,
+};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::rng::Rng;
@@ -240,7 +242,8 @@ impl Vmm {
             serial_irq,
             ConsoleWriter::new(serial_sink(&config.serial)?, console.clone()),
         );
-        io_bus.insert(Arc::new(Mutex::new(serial)), COM1_BASE, COM1_LEN)?;
+        let serial = Arc::new(Mutex::new(serial));
+        io_bus.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
         io_bus.insert(
             Arc::new(Mutex::new(I8042::new(exit.clone()))),
             I8042_BASE,
@@ -252,6 +255,14 @@ impl Vmm {
             mmio_bus.insert(dev, base, len)?;
         }
         let mut subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> = Vec::new();
+        if config.serial_stdin {
+            let stdin = std::io::stdin()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| VmmError::Host("duplicate stdin", e))?;
+            let input = SerialInput::new(serial.clone(), File::from(stdin));
+            subscribers.push(Arc::new(Mutex::new(input)));
+        }
         let mut cmdline_devices = Vec::new();
         for (i, dev_config) in config.devices.iter().enumerate() {
             let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;

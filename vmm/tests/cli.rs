@@ -72,3 +72,39 @@ fn probe_and_time_limit_statuses() {
     assert_eq!(out.status.code(), Some(7));
     assert!(String::from_utf8_lossy(&out.stderr).contains("time limit"));
 }
+
+/// `--stdin-console`: the guest polls the UART's line status until a byte
+/// arrives from the VMM's stdin, then echoes it (under the seccomp filter).
+#[test]
+fn stdin_reaches_the_guest_serial_port() {
+    use std::io::Write;
+    if !require(kvm_usable(), "/dev/kvm is missing or not usable") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let code = dir.path().join("echo.bin");
+    std::fs::write(
+        &code,
+        [
+            0x66, 0xba, 0xfd, 0x03, // mov dx, 0x3fd (LSR)
+            0xec, 0xa8, 0x01, 0x74, 0xfb, // in al, dx; test al, 1; jz back
+            0x66, 0xba, 0xf8, 0x03, 0xec, 0xee, // mov dx, 0x3f8; in al, dx; out dx, al
+            0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe, // reset
+        ],
+    )
+    .unwrap();
+    let serial = dir.path().join("serial.log");
+    let mut child = vmm()
+        .arg("--payload")
+        .arg(&code)
+        .arg("--serial")
+        .arg(&serial)
+        .args(["--stdin-console", "--timeout-ms", "20000"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"Z").unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert_eq!(std::fs::read(&serial).unwrap(), b"Z");
+}

@@ -153,10 +153,96 @@ impl BusDevice for SerialDevice {
     }
 }
 
+/// Feeds a host input (the VMM's stdin, or any readable fd) into the
+/// serial device's receive FIFO from the event loop. Bytes that find the
+/// FIFO full are dropped, as on a real UART without flow control.
+pub struct SerialInput {
+    serial: Arc<Mutex<SerialDevice>>,
+    input: std::fs::File,
+    open: bool,
+}
+
+impl SerialInput {
+    /// Reads from `input` (not closed by us if it is a dup of stdin).
+    pub fn new(serial: Arc<Mutex<SerialDevice>>, input: std::fs::File) -> Self {
+        SerialInput {
+            serial,
+            input,
+            open: true,
+        }
+    }
+
+    /// Moves what is readable now into the FIFO. Returns false at EOF.
+    pub fn pump(&mut self) -> bool {
+        use std::io::Read;
+        let mut buf = [0u8; 64];
+        match self.input.read(&mut buf) {
+            Ok(0) => false,
+            Ok(n) => {
+                if let Ok(mut s) = self.serial.lock() {
+                    s.enqueue_input(&buf[..n]);
+                }
+                true
+            }
+            Err(e) => matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ),
+        }
+    }
+}
+
+impl event_manager::MutEventSubscriber for SerialInput {
+    fn process(&mut self, events: event_manager::Events, ops: &mut event_manager::EventOps) {
+        if self.open && !self.pump() {
+            // EOF: stop watching, or a closed stdin would spin the loop.
+            self.open = false;
+            let _ = ops.remove(events);
+        }
+    }
+
+    fn init(&mut self, ops: &mut event_manager::EventOps) {
+        use vmm_sys_util::epoll::EventSet;
+        if let Err(e) = ops.add(event_manager::Events::new(&self.input, EventSet::IN)) {
+            tracing::warn!(
+                ?e,
+                "serial input cannot be watched; the console is output-only"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[test]
+    fn host_input_reaches_the_receive_buffer() {
+        let (r, mut w) = std::os::unix::net::UnixStream::pair().unwrap();
+        r.set_nonblocking(true).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let dev = Arc::new(Mutex::new(SerialDevice::new(
+            irq.try_clone().unwrap(),
+            ConsoleWriter::new(None, SharedTail::default()),
+        )));
+        let mut input = SerialInput::new(
+            dev.clone(),
+            std::fs::File::from(std::os::fd::OwnedFd::from(r)),
+        );
+        assert!(input.pump(), "nothing to read is not EOF");
+        w.write_all(b"ls\n").unwrap();
+        assert!(input.pump());
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let mut b = [0u8];
+            dev.lock().unwrap().read(0, &mut b);
+            got.push(b[0]);
+        }
+        assert_eq!(got, b"ls\n");
+        drop(w);
+        assert!(!input.pump(), "EOF");
+    }
 
     #[test]
     fn keeps_bounded_tail_lines() {
