@@ -17,8 +17,12 @@ use nutshell_vmm::{BootSource, SerialOutput, VirtioDeviceConfig, VmConfig, Vmm};
 #[derive(Parser, Debug)]
 #[command(name = "nutshell-vmm", version)]
 struct Args {
+    /// The whole VM as a JSON file (see the README); other VM flags are
+    /// then not allowed.
+    #[arg(long, conflicts_with_all = ["kernel", "payload", "initrd", "block", "vsock", "rng", "api_socket", "timeout_ms"])]
+    config: Option<PathBuf>,
     /// Uncompressed ELF kernel (vmlinux).
-    #[arg(long, required_unless_present_any = ["probe", "payload"])]
+    #[arg(long, required_unless_present_any = ["probe", "payload", "config"])]
     kernel: Option<PathBuf>,
     /// initramfs (cpio, optionally compressed).
     #[arg(long)]
@@ -70,6 +74,89 @@ struct Args {
     /// run Linux, 10: cannot, 1: probe failed).
     #[arg(long)]
     probe: bool,
+}
+
+/// The JSON config file: the same settings as the flags.
+#[derive(serde::Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    cmdline: Option<String>,
+    payload: Option<PathBuf>,
+    memory_mib: Option<u64>,
+    vcpus: Option<u8>,
+    serial: Option<String>,
+    #[serde(default)]
+    block: Vec<FileBlock>,
+    vsock: Option<FileVsock>,
+    #[serde(default)]
+    rng: bool,
+    api_socket: Option<PathBuf>,
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    no_pvh: bool,
+}
+
+#[derive(serde::Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileBlock {
+    path: PathBuf,
+    #[serde(default)]
+    read_only: bool,
+}
+
+#[derive(serde::Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileVsock {
+    guest_cid: u32,
+    uds_path: PathBuf,
+}
+
+/// Folds a JSON config into the flags, so one code path builds the VM.
+fn apply_file(args: &mut Args, path: &PathBuf) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let f: FileConfig =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    args.kernel = f.kernel;
+    args.initrd = f.initrd;
+    if let Some(c) = f.cmdline {
+        args.cmdline = c;
+    }
+    args.payload = f.payload;
+    if let Some(m) = f.memory_mib {
+        args.memory_mib = m;
+    }
+    if let Some(v) = f.vcpus {
+        args.vcpus = v;
+    }
+    if let Some(s) = f.serial {
+        args.serial = s;
+    }
+    args.block = f
+        .block
+        .into_iter()
+        .map(|b| {
+            let p = b.path.display().to_string();
+            if b.read_only {
+                format!("{p},ro")
+            } else {
+                p
+            }
+        })
+        .collect();
+    args.vsock = f
+        .vsock
+        .map(|v| format!("{},{}", v.guest_cid, v.uds_path.display()));
+    args.rng = f.rng;
+    args.api_socket = f.api_socket;
+    args.timeout_ms = f.timeout_ms;
+    args.no_pvh = f.no_pvh;
+    if args.kernel.is_none() && args.payload.is_none() {
+        bail!("{}: needs \"kernel\" or \"payload\"", path.display());
+    }
+    Ok(())
 }
 
 fn boot_source(args: &Args) -> anyhow::Result<BootSource> {
@@ -161,6 +248,13 @@ fn main() -> ExitCode {
         };
     }
 
+    let mut args = args;
+    if let Some(path) = args.config.clone() {
+        if let Err(e) = apply_file(&mut args, &path) {
+            eprintln!("nutshell-vmm: {e:#}");
+            return ExitCode::from(EXIT_SETUP_ERROR as u8);
+        }
+    }
     let vmm = config_from(&args).and_then(|c| Vmm::build(&c).map_err(anyhow::Error::from));
     let vmm = match vmm {
         Ok(v) => v,

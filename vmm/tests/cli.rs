@@ -108,3 +108,44 @@ fn stdin_reaches_the_guest_serial_port() {
     assert_eq!(status.code(), Some(0), "{status:?}");
     assert_eq!(std::fs::read(&serial).unwrap(), b"Z");
 }
+
+#[test]
+fn json_config_builds_the_same_vm() {
+    if !require(kvm_usable(), "/dev/kvm is missing or not usable") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let code = dir.path().join("hello.bin");
+    // out 'J' to COM1, then reset.
+    std::fs::write(
+        &code,
+        [
+            0x66, 0xba, 0xf8, 0x03, 0xb0, b'J', 0xee, 0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe,
+        ],
+    )
+    .unwrap();
+    let serial = dir.path().join("serial.log");
+    let cfg = dir.path().join("vm.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"payload": "{}", "memory_mib": 32, "serial": "{}", "rng": true, "timeout_ms": 20000}}"#,
+            code.display(),
+            serial.display()
+        ),
+    )
+    .unwrap();
+    let out = vmm().arg("--config").arg(&cfg).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&serial).unwrap(), b"J");
+
+    std::fs::write(&cfg, r#"{"payload": "/x", "memroy_mib": 1}"#).unwrap();
+    let out = vmm().arg("--config").arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("memroy_mib"));
+}
