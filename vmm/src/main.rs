@@ -269,5 +269,6 @@ fn main() -> ExitCode {
     } else {
         eprintln!("nutshell-vmm: the VM ended: {reason}");
     }
+    nutshell_vmm::timing::report("VM torn down");
     ExitCode::from(reason.exit_code() as u8)
 }

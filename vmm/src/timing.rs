@@ -27,3 +27,12 @@ pub fn first_run() {
         }
     }
 }
+
+/// Prints `what` with the time since process start (with `--print-timing`).
+pub fn report(what: &str) {
+    if REPORT.load(Ordering::Relaxed) {
+        if let Some(s) = START.get() {
+            eprintln!("{what} {} us after start", s.elapsed().as_micros());
+        }
+    }
+}

@@ -413,9 +413,11 @@ impl Vmm {
                 handles.iter().for_each(VcpuHandle::kick);
             }
         }
+        crate::timing::report("loop left");
         for h in handles {
             h.stop(Duration::from_secs(2));
         }
+        crate::timing::report("vcpus stopped");
         self.exit
             .reason()
             .unwrap_or_else(|| ExitReason::HostError("the VM stopped without a reason".into()))

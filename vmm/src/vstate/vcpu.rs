@@ -283,7 +283,7 @@ impl VcpuHandle {
                 return false;
             }
             self.kick();
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_micros(100));
         }
         self.thread.join().is_ok()
     }
