@@ -9,7 +9,6 @@ use std::fs::File;
 use std::io::Cursor;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::OnceLock;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -116,13 +115,19 @@ pub fn virtqueue(data: &[u8]) -> Option<u16> {
     Some(used_idx(&mem))
 }
 
-fn vsock_dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("nutshell-fuzz-vsock-{}", std::process::id()));
+thread_local! {
+    /// One directory per thread, so parallel callers do not share sockets.
+    static VSOCK_DIR: PathBuf = {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let d = std::env::temp_dir().join(format!("nutshell-fuzz-vsock-{}-{n}", std::process::id()));
         let _ = std::fs::create_dir_all(&d);
         d
-    })
+    };
+}
+
+fn vsock_dir() -> PathBuf {
+    VSOCK_DIR.with(Clone::clone)
 }
 
 /// vsock: the packet parser alone, then the same bytes as the TX and RX
@@ -134,4 +139,9 @@ pub fn vsock_packet(data: &[u8]) -> Option<u16> {
     t.handle_queue_event(1);
     t.handle_queue_event(0);
     Some(used_idx(&mem))
+}
+
+/// Removes this thread's vsock directory (call when done).
+pub fn cleanup() {
+    let _ = std::fs::remove_dir_all(vsock_dir());
 }

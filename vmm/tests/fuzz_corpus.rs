@@ -142,6 +142,7 @@ fn seeds_reach_the_devices() {
     assert!(fuzzing::virtqueue(&s[2]).is_some());
     // The vsock REQUEST seed is consumed from TX.
     assert!(fuzzing::vsock_packet(&s[3]).is_some());
+    fuzzing::cleanup();
 }
 
 #[test]
@@ -157,4 +158,5 @@ fn fuzz_virtqueue_corpus() {
 #[test]
 fn fuzz_vsock_packet_corpus() {
     replay("vsock_packet", fuzzing::vsock_packet);
+    fuzzing::cleanup();
 }
