@@ -10,14 +10,15 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerStatsRequest, CreateContainerRequest,
-    ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount,
-    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemoveContainerRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
-    StopPodSandboxRequest,
+    ExecSyncRequest, ImageSpec, LinuxContainerResources, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    UpdateContainerResourcesRequest,
 };
 use nutshell_tests::containerd::{
     guest_kernel_release, prerequisites, serial, test_nutshell_config, Containerd, Footprint,
-    BUSYBOX_IMAGE, NUTSHELL_HANDLER, NUTSHELL_RUN_DIR,
+    BUSYBOX_IMAGE, CRI_NAMESPACE, NUTSHELL_HANDLER, NUTSHELL_RUN_DIR,
 };
 use nutshell_tests::require;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -216,6 +217,33 @@ fn a_cri_pod_with_two_containers_runs_in_one_vm() {
             std::fs::read_to_string(rw_dir.join("out")).unwrap_or_default(),
             "from-the-pod\n",
             "a writable volume writes through to the host"
+        );
+
+        // UpdateContainerResources reaches the guest's cgroup.
+        cri.update_container_resources(UpdateContainerResourcesRequest {
+            container_id: ids[0].clone(),
+            linux: Some(LinuxContainerResources {
+                memory_limit_in_bytes: 128 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("UpdateContainerResources: {e}\n{}", c.log_tail(80)));
+        // The guest cgroup's memory.max, as the task's v2 metrics report it.
+        let metrics = c
+            .ctr_in(CRI_NAMESPACE, &["task", "metrics", &ids[0]])
+            .output()
+            .unwrap();
+        let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
+        let limit = metrics.lines().find_map(|l| {
+            let mut it = l.split_whitespace();
+            (it.next() == Some("memory.usage_limit")).then(|| it.next().map(str::to_string))?
+        });
+        assert_eq!(
+            limit,
+            Some((128u64 << 20).to_string()),
+            "the update reached the guest: {metrics}"
         );
 
         let stats = cri
