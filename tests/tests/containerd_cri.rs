@@ -55,6 +55,18 @@ fn vms_of(pod: &str) -> usize {
         .count()
 }
 
+/// The command line of the QEMU serving pod `pod`.
+fn vm_cmdline(pod: &str) -> String {
+    Footprint::now()
+        .processes
+        .iter()
+        .filter(|(_, name)| name == "qemu-system-x86_64")
+        .filter_map(|(pid, _)| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .find(|c| c.contains(&format!("{NUTSHELL_RUN_DIR}/{pod}/")))
+        .unwrap_or_default()
+}
+
 #[test]
 fn a_cri_pod_with_two_containers_runs_in_one_vm() {
     let _g = serial();
@@ -109,6 +121,11 @@ fn a_cri_pod_with_two_containers_runs_in_one_vm() {
                 ..Default::default()
             }),
             labels: HashMap::from([("app".to_string(), "nutshell-test".to_string())]),
+            // Pod sizing: passed on by CRI (pod_annotations = ["io.nutshell.*"]).
+            annotations: HashMap::from([(
+                "io.nutshell.vm.memory_mib".to_string(),
+                "320".to_string(),
+            )]),
             ..Default::default()
         };
         let pod = cri
@@ -170,6 +187,11 @@ fn a_cri_pod_with_two_containers_runs_in_one_vm() {
             ids.push(id);
         }
         assert_eq!(vms_of(&pod), 1, "exactly one VM serves the pod");
+        assert!(
+            vm_cmdline(&pod).contains("size=320M"),
+            "the pod annotation sized the VM: {}",
+            vm_cmdline(&pod)
+        );
 
         let exec = cri
             .exec_sync(ExecSyncRequest {
