@@ -22,6 +22,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "build the static agent (tests/tests/agent_host.rs runs it)"
 tools/build-agent.sh >/dev/null
 
+step "build the shim (tests/tests/containerd_*.rs run it under a private containerd)"
+cargo build -p nutshell-runtime --bin containerd-shim-nutshell-v2
+
 step "cargo test"
 cargo test --workspace
 
