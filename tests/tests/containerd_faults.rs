@@ -129,6 +129,27 @@ fn a_missing_kernel_is_a_clear_error() {
 }
 
 #[test]
+fn a_guest_that_dies_at_boot_is_quoted_in_the_error() {
+    // No init in the initramfs: the guest kernel panics, and the error that
+    // reaches `ctr run` quotes the console.
+    let Some((_g, c, before)) = setup(&test_nutshell_config(
+        "kernel_params = \"rdinit=/nonexistent\"",
+    )) else {
+        return;
+    };
+    let out = c.run_nutshell("deadboot", &[], &["true"]).unwrap();
+    assert!(!out.status.success());
+    let msg = text(&out.stderr);
+    eprintln!("ctr run said: {msg}");
+    assert!(
+        msg.contains("last console lines") && msg.contains("Kernel panic"),
+        "the error quotes the guest console: {msg}"
+    );
+    c.remove_everything();
+    assert_clean(&c, &before);
+}
+
+#[test]
 fn killing_the_vm_ends_the_task_and_delete_cleans_up() {
     let Some((_g, c, before)) = setup(&test_nutshell_config("")) else {
         return;
