@@ -104,7 +104,7 @@ fn kill9(pid: u32) {
 }
 
 #[test]
-fn a_missing_kernel_is_a_clear_error() {
+fn a_missing_kernel_or_a_bad_config_value_is_a_clear_error() {
     let cfg = test_nutshell_config("").replace(
         &format!(
             "kernel = \"{}\"",
@@ -123,6 +123,16 @@ fn a_missing_kernel_is_a_clear_error() {
     assert!(
         msg.contains("/nonexistent/vmlinux") && msg.contains("vm.kernel"),
         "the error names the path and the key: {msg}"
+    );
+
+    // A bad value: the shim reads the config at each pod's creation.
+    std::fs::write(&c.nutshell_config, "[vm]\nvcpus = \"two\"\n").unwrap();
+    let out = c.run_nutshell("badvalue", &[], &["true"]).unwrap();
+    assert!(!out.status.success());
+    let msg = text(&out.stderr);
+    assert!(
+        msg.contains("`vm.vcpus`") && msg.contains(&c.nutshell_config.display().to_string()),
+        "the error names the key and the file: {msg}"
     );
     c.remove_everything();
     assert_clean(&c, &before);
