@@ -444,13 +444,13 @@ state = "{d}/state"
     )
 }
 
-/// The image archives, built once per test process.
+/// The image archives (cached, see `build_images`).
 pub struct TestImages {
     pub busybox: PathBuf,
     pub pause: PathBuf,
 }
 
-/// Builds (once per process) the busybox and pause OCI archives.
+/// The busybox and pause OCI archives, built once and cached.
 pub fn test_images() -> io::Result<&'static TestImages> {
     static IMAGES: OnceLock<Result<TestImages, String>> = OnceLock::new();
     IMAGES
@@ -459,19 +459,44 @@ pub fn test_images() -> io::Result<&'static TestImages> {
         .map_err(|e| io::Error::other(e.clone()))
 }
 
+/// Version of the image recipe below: bump it when the images change.
+const IMAGE_RECIPE: &str = "v1";
+
+/// The archives live in `$NUTSHELL_CACHE/test-images/<key>/`, keyed by the
+/// busybox binary and the recipe, so test runs share them.
 fn build_images() -> io::Result<TestImages> {
-    let dir = std::env::temp_dir().join(format!("nutshell-images-{}", std::process::id()));
-    if dir.exists() {
-        fs::remove_dir_all(&dir)?;
+    let sum = Command::new("sha256sum").arg(BUSYBOX).output()?;
+    let sum = String::from_utf8_lossy(&sum.stdout);
+    let key = format!("{IMAGE_RECIPE}-{}", sum.get(..16).unwrap_or("unknown"));
+    let cache = std::env::var_os("NUTSHELL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/nutshell"));
+    let dir = cache.join("test-images").join(key);
+    let images = TestImages {
+        busybox: dir.join("busybox.tar"),
+        pause: dir.join("pause.tar"),
+    };
+    if images.busybox.is_file() && images.pause.is_file() {
+        return Ok(images);
     }
-    fs::create_dir_all(&dir)?;
-    let busybox = dir.join("busybox.tar");
-    build_image(&dir.join("busybox"), &busybox, &["sh"])?;
-    let pause = dir.join("pause.tar");
+    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp)?;
+    }
+    fs::create_dir_all(&tmp)?;
+    build_image(&tmp.join("busybox"), &tmp.join("busybox.tar"), &["sh"])?;
     // The sandbox process only has to live as long as the pod; busybox's
     // sleep takes "inf".
-    build_image(&dir.join("pause"), &pause, &["sleep", "inf"])?;
-    Ok(TestImages { busybox, pause })
+    build_image(
+        &tmp.join("pause"),
+        &tmp.join("pause.tar"),
+        &["sleep", "inf"],
+    )?;
+    // Another test process may have won the race: either copy is fine.
+    if fs::rename(&tmp, &dir).is_err() {
+        fs::remove_dir_all(&tmp)?;
+    }
+    Ok(images)
 }
 
 /// Builds an OCI archive holding one image, tag `latest`, whose rootfs is
