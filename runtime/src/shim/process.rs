@@ -173,9 +173,9 @@ impl Process {
     }
 
     /// Lets the output relays finish (see [`Relays::drain`]).
-    pub async fn drain_output(&self, idle: Duration) {
+    pub async fn drain_output(&self, idle: Duration, limit: Duration) {
         if let Some(r) = self.relays.lock().await.as_mut() {
-            r.drain(idle).await;
+            r.drain(idle, limit).await;
         }
     }
 

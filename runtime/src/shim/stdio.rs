@@ -273,26 +273,26 @@ impl Relays {
     }
 
     /// Waits for the output relays to reach EOF. Gives up when no byte has
-    /// moved for `idle` (a process's child may hold the pipe open forever),
-    /// then stops them.
-    pub async fn drain(&mut self, idle: Duration) {
-        loop {
-            if self.outputs.iter().all(JoinHandle::is_finished) {
+    /// moved for `idle` (a process's child may hold the pipe open forever)
+    /// or after `limit` in all (one that writes forever), then stops them.
+    pub async fn drain(&mut self, idle: Duration, limit: Duration) {
+        const TICK: Duration = Duration::from_millis(20);
+        let start = tokio::time::Instant::now();
+        let mut last = self.progress.load(Ordering::Relaxed);
+        let mut last_change = start;
+        while !self.outputs.iter().all(JoinHandle::is_finished) {
+            if start.elapsed() >= limit {
+                tracing::warn!(
+                    "output still flowing {limit:?} after the process ended; closing it"
+                );
                 break;
             }
-            let before = self.progress.load(Ordering::Relaxed);
-            tokio::time::sleep(idle.min(Duration::from_millis(200))).await;
-            let mut waited = Duration::from_millis(200);
-            while waited < idle
-                && self.progress.load(Ordering::Relaxed) == before
-                && !self.outputs.iter().all(JoinHandle::is_finished)
-            {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                waited += Duration::from_millis(200);
-            }
-            if self.progress.load(Ordering::Relaxed) == before
-                && !self.outputs.iter().all(JoinHandle::is_finished)
-            {
+            tokio::time::sleep(TICK).await;
+            let now = self.progress.load(Ordering::Relaxed);
+            if now != last {
+                last = now;
+                last_change = tokio::time::Instant::now();
+            } else if last_change.elapsed() >= idle {
                 tracing::warn!("output still open {idle:?} after the process ended; closing it");
                 break;
             }
@@ -606,5 +606,56 @@ mod tests {
         let mut got = Vec::new();
         r.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"abc");
+    }
+
+    fn relays_with(outputs: Vec<JoinHandle<()>>, progress: Arc<AtomicU64>) -> Relays {
+        Relays {
+            outputs,
+            stdin: None,
+            close_stdin: watch::channel(false).0,
+            progress,
+            logger: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_waits_for_flowing_output_but_not_forever() {
+        // Finished output: no wait.
+        let mut r = relays_with(vec![tokio::spawn(async {})], Arc::default());
+        tokio::task::yield_now().await;
+        let t = tokio::time::Instant::now();
+        r.drain(Duration::from_secs(2), Duration::from_secs(60))
+            .await;
+        assert!(t.elapsed() < Duration::from_millis(100));
+
+        // Silent, never-ending output: given up after `idle`.
+        let mut r = relays_with(vec![tokio::spawn(std::future::pending())], Arc::default());
+        let t = tokio::time::Instant::now();
+        r.drain(Duration::from_secs(2), Duration::from_secs(60))
+            .await;
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_secs(2) && waited < Duration::from_secs(3),
+            "{waited:?}"
+        );
+
+        // Output that keeps flowing: given up after `limit`.
+        let progress = Arc::new(AtomicU64::new(0));
+        let p = progress.clone();
+        let writer = tokio::spawn(async move {
+            loop {
+                p.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        let mut r = relays_with(vec![writer], progress);
+        let t = tokio::time::Instant::now();
+        r.drain(Duration::from_secs(2), Duration::from_secs(10))
+            .await;
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+            "{waited:?}"
+        );
     }
 }

@@ -45,6 +45,9 @@ use crate::config::Config;
 /// How long output may sit idle after a process exits before its relay is
 /// closed (a background child can hold the pipe forever).
 const DRAIN_IDLE: Duration = Duration::from_secs(2);
+/// The longest the exit event waits for output at all (a background child
+/// may also write forever).
+const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 /// The shim's task service.
 #[derive(Clone)]
@@ -172,7 +175,7 @@ impl Inner {
                 }
             };
             let at = SystemTime::now();
-            p.drain_output(DRAIN_IDLE).await;
+            p.drain_output(DRAIN_IDLE, DRAIN_LIMIT).await;
             me.publish_exit(&p, status, at).await;
         });
     }
