@@ -96,9 +96,16 @@ fn run(args: &[String], is_pid1: bool) -> Result<()> {
         };
         tracing::info!(%reason, "agent stopping");
         service.engine().destroy_all().await;
-        // The ttrpc server has its own shutdown timeout; a stuck client
-        // must not keep a guest from powering off.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), server.shutdown()).await;
+        // As PID 1 the guest restarts (and so ends) right after this: the
+        // DestroySandbox reply left before the shutdown signal, and waiting
+        // for the runtime to close its connection only delays the VM's end
+        // (by the whole timeout, since the runtime waits for that end).
+        if !is_pid1 {
+            // The ttrpc server has its own shutdown timeout; a stuck client
+            // must not keep a host-mode agent from exiting.
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(2), server.shutdown()).await;
+        }
         Ok::<(), anyhow::Error>(())
     })
 }
