@@ -23,6 +23,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::{busybox_rootfs, guest_dir, is_root, which, workspace_root, BUSYBOX};
+use nutshell_runtime::shim::mounts::mounts_below;
 
 /// The busybox image every test runs.
 pub const BUSYBOX_IMAGE: &str = "docker.io/nutshell/busybox:latest";
@@ -390,7 +391,7 @@ impl Drop for Containerd {
         // containerd's snapshots are unmounted once no task uses them; what
         // is still mounted under the private root is unmounted here so the
         // directory can go.
-        for m in mounts_under(&self.dir) {
+        for m in mounts_below(&self.dir) {
             let _ = Command::new("umount").arg("-l").arg(&m).status();
         }
         if std::env::var_os("NUTSHELL_KEEP_CONTAINERD").is_none() {
@@ -606,39 +607,6 @@ pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> io::Result<O
     })
 }
 
-/// Mount points at or below `dir`, deepest first.
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut v: Vec<PathBuf> = text
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape_mount_path)
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    v
-}
-
-fn unescape_mount_path(s: &str) -> PathBuf {
-    // mountinfo escapes space, tab, newline and backslash as \ooo.
-    let mut out = Vec::with_capacity(s.len());
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            let oct = std::str::from_utf8(&b[i + 1..i + 4]).ok();
-            if let Some(v) = oct.and_then(|o| u8::from_str_radix(o, 8).ok()) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    PathBuf::from(String::from_utf8_lossy(&out).into_owned())
-}
-
 /// What nutshell leaves on the host: counted before and after a test.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Footprint {
@@ -687,7 +655,7 @@ impl Footprint {
         state_dirs.sort();
         Self {
             processes,
-            mounts: mounts_under(Path::new(NUTSHELL_RUN_DIR)),
+            mounts: mounts_below(Path::new(NUTSHELL_RUN_DIR)),
             state_dirs,
         }
     }
@@ -709,13 +677,6 @@ impl Footprint {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mount_paths_are_unescaped() {
-        assert_eq!(unescape_mount_path("/a\\040b"), PathBuf::from("/a b"));
-        assert_eq!(unescape_mount_path("/plain"), PathBuf::from("/plain"));
-        assert_eq!(unescape_mount_path("/end\\"), PathBuf::from("/end\\"));
-    }
 
     #[test]
     fn config_declares_runc_default_and_nutshell_handler() {
