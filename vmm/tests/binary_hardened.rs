@@ -9,16 +9,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn require(ok: bool, reason: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var("NUTSHELL_REQUIRE_ALL").is_ok_and(|v| v == "1") {
-        panic!("prerequisite missing and NUTSHELL_REQUIRE_ALL=1: {reason}");
-    }
-    eprintln!("SKIP: {reason}");
-    false
-}
+mod common;
+use common::require;
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -3,27 +3,11 @@
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+use common::{kvm_usable, require};
+
 fn vmm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_nutshell-vmm"))
-}
-
-fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
-
-fn require(ok: bool, reason: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var("NUTSHELL_REQUIRE_ALL").is_ok_and(|v| v == "1") {
-        panic!("prerequisite missing and NUTSHELL_REQUIRE_ALL=1: {reason}");
-    }
-    eprintln!("SKIP: {reason}");
-    false
 }
 
 #[test]

@@ -12,26 +12,8 @@ use nutshell_vmm::arch::regs::EntryMode;
 use nutshell_vmm::devices::bus::BusDevice;
 use nutshell_vmm::{BootSource, ExitReason, SerialOutput, VmConfig, Vmm};
 
-/// Skip, or fail under NUTSHELL_REQUIRE_ALL=1 (same rule as
-/// `nutshell_tests::require`, copied to keep this crate free of test deps).
-fn require(ok: bool, reason: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var("NUTSHELL_REQUIRE_ALL").is_ok_and(|v| v == "1") {
-        panic!("prerequisite missing and NUTSHELL_REQUIRE_ALL=1: {reason}");
-    }
-    eprintln!("SKIP: {reason}");
-    false
-}
-
-fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
+mod common;
+use common::{kvm_usable, require};
 
 const MMIO_ADDR: u64 = 0xd000_0000;
 

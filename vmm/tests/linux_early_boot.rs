@@ -12,16 +12,8 @@ use nutshell_vmm::boot::linux::LinuxBoot;
 use nutshell_vmm::probe::{probe_kvm, ProbeVerdict};
 use nutshell_vmm::{BootSource, ExitReason, SerialOutput, VmConfig, Vmm};
 
-fn require(ok: bool, reason: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var("NUTSHELL_REQUIRE_ALL").is_ok_and(|v| v == "1") {
-        panic!("prerequisite missing and NUTSHELL_REQUIRE_ALL=1: {reason}");
-    }
-    eprintln!("SKIP: {reason}");
-    false
-}
+mod common;
+use common::require;
 
 fn guest_kernel() -> PathBuf {
     std::env::var_os("NUTSHELL_GUEST_DIR")
