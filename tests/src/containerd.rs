@@ -22,7 +22,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::{busybox_rootfs, guest_dir, is_root, which, workspace_root, BUSYBOX};
+use crate::{busybox_rootfs, guest_dir, is_root, require, which, workspace_root, BUSYBOX};
 use nutshell_runtime::shim::mounts::mounts_below;
 
 /// The busybox image every test runs.
@@ -605,6 +605,40 @@ pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> io::Result<O
         stdout: out_t.join().unwrap_or_default(),
         stderr: err_t.join().unwrap_or_default(),
     })
+}
+
+/// Starts one end-to-end test: takes the test lock, checks the prerequisites
+/// (skipping, or failing under `NUTSHELL_REQUIRE_ALL=1`, when one is
+/// missing), records the host's nutshell footprint, then starts a private
+/// containerd whose nutshell runtime uses `nutshell_config`.
+pub fn start_test(
+    nutshell_config: &str,
+) -> Option<(MutexGuard<'static, ()>, Containerd, Footprint)> {
+    let guard = serial();
+    let ready = prerequisites();
+    if !require(
+        ready.is_ok(),
+        ready.as_ref().err().map_or("", String::as_str),
+    ) {
+        return None;
+    }
+    let before = Footprint::now();
+    let c = Containerd::start(nutshell_config).expect("private containerd starts");
+    Some((guard, c, before))
+}
+
+impl Containerd {
+    /// Asserts that nutshell left nothing behind (no process, mount or state
+    /// directory beyond `before`), giving clean-up up to `settle`.
+    pub fn assert_left_nothing(&self, before: &Footprint, settle: Duration) {
+        let after = Footprint::settle_to(before, settle);
+        assert_eq!(
+            &after,
+            before,
+            "nutshell left something behind; containerd log tail:\n{}",
+            self.log_tail(80)
+        );
+    }
 }
 
 /// What nutshell leaves on the host: counted before and after a test.

@@ -3,47 +3,24 @@
 
 use std::io::Write;
 use std::process::Stdio;
-use std::sync::MutexGuard;
 use std::time::Duration;
 
 use nutshell_tests::containerd::{
-    guest_kernel_release, output_with_timeout, prerequisites, serial, test_nutshell_config,
-    Containerd, Footprint, BUSYBOX_IMAGE, NUTSHELL_RUNTIME,
+    guest_kernel_release, output_with_timeout, start_test, test_nutshell_config, Containerd,
+    BUSYBOX_IMAGE, NUTSHELL_RUNTIME,
 };
 use nutshell_tests::{require, which};
 
-fn setup() -> Option<(MutexGuard<'static, ()>, Containerd, Footprint)> {
-    let guard = serial();
-    let ready = prerequisites();
-    if !require(
-        ready.is_ok(),
-        ready.as_ref().err().map_or("", String::as_str),
-    ) {
-        return None;
-    }
-    let before = Footprint::now();
-    let c = Containerd::start(&test_nutshell_config("")).expect("private containerd starts");
-    Some((guard, c, before))
-}
+/// How long a test gives nutshell to clean up before checking.
+const SETTLE: Duration = Duration::from_secs(20);
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Asserts the pod left nothing behind: no process, mount or state dir.
-fn assert_clean(c: &Containerd, before: &Footprint) {
-    let after = Footprint::settle_to(before, Duration::from_secs(20));
-    assert_eq!(
-        &after,
-        before,
-        "nutshell left something behind; containerd log tail:\n{}",
-        c.log_tail(60)
-    );
-}
-
 #[test]
 fn ctr_run_prints_the_guest_kernel_and_passes_exit_codes() {
-    let Some((_g, c, before)) = setup() else {
+    let Some((_g, c, before)) = start_test(&test_nutshell_config("")) else {
         return;
     };
     let out = c.run_nutshell("uname1", &[], &["uname", "-r"]).unwrap();
@@ -70,12 +47,12 @@ fn ctr_run_prints_the_guest_kernel_and_passes_exit_codes() {
     assert_eq!(out.status.code(), Some(7), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), "out");
     assert!(text(&out.stderr).contains("err"), "{}", text(&out.stderr));
-    assert_clean(&c, &before);
+    c.assert_left_nothing(&before, SETTLE);
 }
 
 #[test]
 fn ctr_run_relays_piped_stdin_a_terminal_and_a_log_file() {
-    let Some((_g, c, before)) = setup() else {
+    let Some((_g, c, before)) = start_test(&test_nutshell_config("")) else {
         return;
     };
     // Piped stdin.
@@ -172,12 +149,12 @@ fn ctr_run_relays_piped_stdin_a_terminal_and_a_log_file() {
     );
     let errs = std::fs::read_to_string(format!("{}.err", out_file.display())).unwrap_or_default();
     assert!(errs.contains("err-via-binary"), "{errs:?}");
-    assert_clean(&c, &before);
+    c.assert_left_nothing(&before, SETTLE);
 }
 
 #[test]
 fn ctr_task_exec_ps_metrics_pause_resume_and_kill() {
-    let Some((_g, c, before)) = setup() else {
+    let Some((_g, c, before)) = start_test(&test_nutshell_config("")) else {
         return;
     };
     let run_detached = |id: &str, cmd: &[&str]| {
@@ -305,7 +282,7 @@ fn ctr_task_exec_ps_metrics_pause_resume_and_kill() {
         .unwrap();
     assert_eq!(wait_stopped_and_delete(&c, "busy2"), Some(137));
     c.ctr_ok(&["containers", "rm", "busy2"]).unwrap();
-    assert_clean(&c, &before);
+    c.assert_left_nothing(&before, SETTLE);
 }
 
 /// Waits for the task to stop, deletes it and returns its exit status.
@@ -321,7 +298,7 @@ fn wait_stopped_and_delete(c: &Containerd, id: &str) -> Option<i32> {
 
 #[test]
 fn hundred_mib_of_stdout_arrive_intact() {
-    let Some((_g, c, before)) = setup() else {
+    let Some((_g, c, before)) = start_test(&test_nutshell_config("")) else {
         return;
     };
     let out = output_with_timeout(
@@ -356,5 +333,5 @@ fn hundred_mib_of_stdout_arrive_intact() {
     let host_sum = host_sum.split_whitespace().next().unwrap_or_default();
     assert_eq!(host_sum, guest_sum, "the bytes are the guest's bytes");
     std::fs::remove_file(&tmp).unwrap();
-    assert_clean(&c, &before);
+    c.assert_left_nothing(&before, SETTLE);
 }

@@ -3,41 +3,18 @@
 //! repeated create/delete cycles. Each must end with nothing left behind.
 
 use std::process::Stdio;
-use std::sync::MutexGuard;
 use std::time::Duration;
 
 use nutshell_tests::containerd::{
-    output_with_timeout, prerequisites, serial, test_nutshell_config, Containerd, Footprint,
-    BUSYBOX_IMAGE, NUTSHELL_RUNTIME, NUTSHELL_RUN_DIR,
+    output_with_timeout, start_test, test_nutshell_config, Containerd, BUSYBOX_IMAGE,
+    NUTSHELL_RUNTIME, NUTSHELL_RUN_DIR,
 };
-use nutshell_tests::require;
 
-fn setup(config: &str) -> Option<(MutexGuard<'static, ()>, Containerd, Footprint)> {
-    let guard = serial();
-    let ready = prerequisites();
-    if !require(
-        ready.is_ok(),
-        ready.as_ref().err().map_or("", String::as_str),
-    ) {
-        return None;
-    }
-    let before = Footprint::now();
-    let c = Containerd::start(config).expect("private containerd starts");
-    Some((guard, c, before))
-}
+/// How long a test gives nutshell to clean up before checking.
+const SETTLE: Duration = Duration::from_secs(30);
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-fn assert_clean(c: &Containerd, before: &Footprint) {
-    let after = Footprint::settle_to(before, Duration::from_secs(30));
-    assert_eq!(
-        &after,
-        before,
-        "nutshell left something behind; containerd log tail:\n{}",
-        c.log_tail(80)
-    );
 }
 
 fn run_detached(c: &Containerd, id: &str, cmd: &[&str]) {
@@ -113,7 +90,7 @@ fn a_missing_kernel_or_a_bad_config_value_is_a_clear_error() {
         "kernel = \"/nonexistent/vmlinux\"",
     );
     assert!(cfg.contains("/nonexistent/vmlinux"));
-    let Some((_g, c, before)) = setup(&cfg) else {
+    let Some((_g, c, before)) = start_test(&cfg) else {
         return;
     };
     let out = c.run_nutshell("nokernel", &[], &["true"]).unwrap();
@@ -135,14 +112,14 @@ fn a_missing_kernel_or_a_bad_config_value_is_a_clear_error() {
         "the error names the key and the file: {msg}"
     );
     c.remove_everything();
-    assert_clean(&c, &before);
+    c.assert_left_nothing(&before, SETTLE);
 }
 
 #[test]
 fn a_guest_that_dies_at_boot_is_quoted_in_the_error() {
     // No init in the initramfs: the guest kernel panics, and the error that
     // reaches `ctr run` quotes the console.
-    let Some((_g, c, before)) = setup(&test_nutshell_config(
+    let Some((_g, c, before)) = start_test(&test_nutshell_config(
         "kernel_params = \"rdinit=/nonexistent\"",
     )) else {
         return;
@@ -156,12 +133,12 @@ fn a_guest_that_dies_at_boot_is_quoted_in_the_error() {
         "the error quotes the guest console: {msg}"
     );
     c.remove_everything();
-    assert_clean(&c, &before);
+    c.assert_left_nothing(&before, SETTLE);
 }
 
 #[test]
 fn killing_the_vm_ends_the_task_and_delete_cleans_up() {
-    let Some((_g, c, before)) = setup(&test_nutshell_config("")) else {
+    let Some((_g, c, before)) = start_test(&test_nutshell_config("")) else {
         return;
     };
     run_detached(&c, "vmkill", &["sleep", "1000"]);
@@ -176,12 +153,12 @@ fn killing_the_vm_ends_the_task_and_delete_cleans_up() {
         "the exit status is non-zero: {status:?}"
     );
     c.ctr_ok(&["containers", "rm", "vmkill"]).unwrap();
-    assert_clean(&c, &before);
+    c.assert_left_nothing(&before, SETTLE);
 }
 
 #[test]
 fn killing_the_shim_leaves_nothing_behind() {
-    let Some((_g, c, before)) = setup(&test_nutshell_config("")) else {
+    let Some((_g, c, before)) = start_test(&test_nutshell_config("")) else {
         return;
     };
     run_detached(&c, "shimkill", &["sleep", "1000"]);
@@ -195,12 +172,12 @@ fn killing_the_shim_leaves_nothing_behind() {
     );
     let _ = c.ctr(&["task", "delete", "shimkill"]).output().unwrap();
     c.ctr_ok(&["containers", "rm", "shimkill"]).unwrap();
-    assert_clean(&c, &before);
+    c.assert_left_nothing(&before, SETTLE);
 }
 
 #[test]
 fn a_pod_survives_a_containerd_restart() {
-    let Some((_g, mut c, before)) = setup(&test_nutshell_config("")) else {
+    let Some((_g, mut c, before)) = start_test(&test_nutshell_config("")) else {
         return;
     };
     run_detached(
@@ -243,12 +220,12 @@ fn a_pod_survives_a_containerd_restart() {
     ));
     let _ = c.ctr(&["task", "delete", "restart1"]).output().unwrap();
     c.ctr_ok(&["containers", "rm", "restart1"]).unwrap();
-    assert_clean(&c, &before);
+    c.assert_left_nothing(&before, SETTLE);
 }
 
 #[test]
 fn twenty_create_delete_cycles_leak_nothing() {
-    let Some((_g, c, before)) = setup(&test_nutshell_config("")) else {
+    let Some((_g, c, before)) = start_test(&test_nutshell_config("")) else {
         return;
     };
     let sockets_before = socket_count("/run/containerd/s");
@@ -262,7 +239,7 @@ fn twenty_create_delete_cycles_leak_nothing() {
             c.log_tail(40)
         );
     }
-    assert_clean(&c, &before);
+    c.assert_left_nothing(&before, SETTLE);
     assert_eq!(
         socket_count("/run/containerd/s"),
         sockets_before,
