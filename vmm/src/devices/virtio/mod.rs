@@ -83,6 +83,20 @@ pub struct Activation {
     pub acked_features: u64,
 }
 
+impl Activation {
+    /// Guest memory and the first queue, for a single-queue device; no
+    /// queue at all is an error.
+    pub fn into_single_queue(self) -> Result<(GuestMemoryMmap, Queue), ActivateError> {
+        let got = self.queues.len();
+        let queue = self
+            .queues
+            .into_iter()
+            .next()
+            .ok_or(ActivateError::QueueCount { want: 1, got })?;
+        Ok((self.mem, queue))
+    }
+}
+
 /// Failure to activate a device.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {

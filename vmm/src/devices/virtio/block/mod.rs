@@ -147,13 +147,8 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, act: Activation, irq: Arc<Interrupt>) -> Result<(), ActivateError> {
-        let got = act.queues.len();
-        let queue = act
-            .queues
-            .into_iter()
-            .next()
-            .ok_or(ActivateError::QueueCount { want: 1, got })?;
-        self.active = Some((act.mem, queue, irq));
+        let (mem, queue) = act.into_single_queue()?;
+        self.active = Some((mem, queue, irq));
         Ok(())
     }
 
