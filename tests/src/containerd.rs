@@ -628,6 +628,32 @@ pub fn start_test(
 }
 
 impl Containerd {
+    /// `ctr run -d` of `cmd` in the busybox image under the nutshell
+    /// runtime, as task `id`; panics (quoting ctr and containerd) when it
+    /// fails.
+    pub fn run_detached(&self, id: &str, cmd: &[&str]) {
+        let mut args = vec![
+            "run",
+            "-d",
+            "--runtime",
+            NUTSHELL_RUNTIME,
+            BUSYBOX_IMAGE,
+            id,
+        ];
+        args.extend_from_slice(cmd);
+        let out = output_with_timeout(
+            self.ctr(&args).stdin(Stdio::null()),
+            Duration::from_secs(180),
+        )
+        .expect("ctr run -d finishes");
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail(60)
+        );
+    }
+
     /// Asserts that nutshell left nothing behind (no process, mount or state
     /// directory beyond `before`), giving clean-up up to `settle`.
     pub fn assert_left_nothing(&self, before: &Footprint, settle: Duration) {

@@ -157,28 +157,9 @@ fn ctr_task_exec_ps_metrics_pause_resume_and_kill() {
     let Some((_g, c, before)) = start_test(&test_nutshell_config("")) else {
         return;
     };
-    let run_detached = |id: &str, cmd: &[&str]| {
-        let mut args = vec![
-            "run",
-            "-d",
-            "--runtime",
-            NUTSHELL_RUNTIME,
-            BUSYBOX_IMAGE,
-            id,
-        ];
-        args.extend_from_slice(cmd);
-        let out = output_with_timeout(c.ctr(&args).stdin(Stdio::null()), Duration::from_secs(180))
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}\n{}",
-            text(&out.stderr),
-            c.log_tail(60)
-        );
-    };
     // PID 1 ignores SIGTERM unless it traps it; /trapped says the trap is
     // in place (a TCG guest may take a while to get there).
-    run_detached(
+    c.run_detached(
         "busy1",
         &[
             "sh",
@@ -277,7 +258,7 @@ fn ctr_task_exec_ps_metrics_pause_resume_and_kill() {
     assert_eq!(out, Some(143), "SIGTERM ran the trap");
     c.ctr_ok(&["containers", "rm", "busy1"]).unwrap();
 
-    run_detached("busy2", &["sleep", "1000"]);
+    c.run_detached("busy2", &["sleep", "1000"]);
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "busy2"])
         .unwrap();
     assert_eq!(wait_stopped_and_delete(&c, "busy2"), Some(137));

@@ -5,36 +5,13 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use nutshell_tests::containerd::{
-    output_with_timeout, start_test, test_nutshell_config, Containerd, BUSYBOX_IMAGE,
-    NUTSHELL_RUNTIME, NUTSHELL_RUN_DIR,
-};
+use nutshell_tests::containerd::{start_test, test_nutshell_config, Containerd, NUTSHELL_RUN_DIR};
 
 /// How long a test gives nutshell to clean up before checking.
 const SETTLE: Duration = Duration::from_secs(30);
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-fn run_detached(c: &Containerd, id: &str, cmd: &[&str]) {
-    let mut args = vec![
-        "run",
-        "-d",
-        "--runtime",
-        NUTSHELL_RUNTIME,
-        BUSYBOX_IMAGE,
-        id,
-    ];
-    args.extend_from_slice(cmd);
-    let out =
-        output_with_timeout(c.ctr(&args).stdin(Stdio::null()), Duration::from_secs(180)).unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stderr),
-        c.log_tail(60)
-    );
 }
 
 /// Waits up to `limit` until `ok(status of task id)` holds (`None`: the
@@ -141,7 +118,7 @@ fn killing_the_vm_ends_the_task_and_delete_cleans_up() {
     let Some((_g, c, before)) = start_test(&test_nutshell_config("")) else {
         return;
     };
-    run_detached(&c, "vmkill", &["sleep", "1000"]);
+    c.run_detached("vmkill", &["sleep", "1000"]);
     kill9(recorded_pid("vmkill", "VMM"));
     assert!(
         wait_status(&c, "vmkill", "STOPPED", Duration::from_secs(30)),
@@ -161,7 +138,7 @@ fn killing_the_shim_leaves_nothing_behind() {
     let Some((_g, c, before)) = start_test(&test_nutshell_config("")) else {
         return;
     };
-    run_detached(&c, "shimkill", &["sleep", "1000"]);
+    c.run_detached("shimkill", &["sleep", "1000"]);
     kill9(recorded_pid("shimkill", "shim"));
     assert!(
         // containerd runs `shim delete` and drops the task (or, racing,
@@ -180,11 +157,7 @@ fn a_pod_survives_a_containerd_restart() {
     let Some((_g, mut c, before)) = start_test(&test_nutshell_config("")) else {
         return;
     };
-    run_detached(
-        &c,
-        "restart1",
-        &["sh", "-c", "while true; do sleep 1; done"],
-    );
+    c.run_detached("restart1", &["sh", "-c", "while true; do sleep 1; done"]);
     let vmm = recorded_pid("restart1", "VMM");
     c.restart().unwrap();
     assert!(
