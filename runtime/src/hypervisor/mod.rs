@@ -7,14 +7,20 @@
 //! processes, so supervision, shutdown and clean-up live once, in
 //! [`RunningVm`], and the trait stays a single `launch`.
 //!
-//! QEMU ([`qemu::QemuHypervisor`]) is the first backend; nutshell's own VMM
-//! (`vmm/`) becomes the second.
+//! Two backends: nutshell's own VMM ([`nutshell_vmm::VmmHypervisor`],
+//! `vmm/`) wherever KVM can run Linux, and QEMU ([`qemu::QemuHypervisor`])
+//! everywhere else; [`select::select_backend`] chooses.
 
+mod cmdline;
 mod console;
 mod memory;
+pub mod nutshell_vmm;
+mod programs;
 pub mod qemu;
+pub mod select;
 mod shared_dir;
 pub(crate) mod supervisor;
+mod virtiofsd;
 pub(crate) mod vm;
 
 use std::path::{Path, PathBuf};
@@ -203,6 +209,9 @@ pub enum HypervisorError {
         socket: PathBuf,
         waited: Duration,
     },
+    /// The own VMM was asked for on a host whose KVM cannot run Linux.
+    #[error("the nutshell-vmm backend needs a KVM that can run a Linux guest, and this host's cannot ({detail}); use the qemu backend, which falls back to software emulation")]
+    KvmCannotRunLinux { detail: String },
     /// A process of the VM ended while the VM was starting.
     #[error("the VM ended while starting: {0}")]
     EndedWhileStarting(Box<VmExit>),
@@ -212,7 +221,7 @@ pub enum HypervisorError {
 /// running tree to [`RunningVm`], which supervises it.
 #[async_trait]
 pub trait Hypervisor: Send + Sync {
-    /// Short name for logs and configuration ("qemu").
+    /// Short name for logs and configuration ("qemu", "vmm").
     fn name(&self) -> &'static str;
 
     /// Starts a VM. Returns once every process of it runs; the agent is not

@@ -13,32 +13,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::process::Command;
 
-use super::shared_dir;
+use super::cmdline::kernel_cmdline;
+use super::programs::find_program;
 use super::supervisor::{ProcessTree, StateFiles};
+use super::virtiofsd;
 use super::vm::{ProcessRole, RunningVm};
 use super::{Accel, Hypervisor, HypervisorError, VmConfig, SHARED_DIR_TAG};
 
 /// The guest's vsock context id. Each VM has its own vsock backend, so every
 /// VM can use the same one.
 pub const GUEST_CID: u32 = 3;
-
-/// Kernel command line the runtime always passes; `VmConfig::kernel_params`
-/// come after it. microvm without ACPI has no power-off device (the kernel
-/// turns a power-off into a halt that never ends), so the guest *reboots* to
-/// stop and `-no-reboot` turns that into a QEMU exit: `reboot=t` (triple
-/// fault) does it at once, where `reboot=k` first spends ~2 s under TCG
-/// polling a keyboard controller microvm lacks. `panic=-1` reboots on a
-/// panic, so a dead guest never lingers. The rest trims boot time (no timer check or crypto self
-/// tests, expedited RCU), which TCG pays for instruction by instruction.
-const BASE_CMDLINE: &[&str] = &[
-    "console=ttyS0",
-    "reboot=t",
-    "panic=-1",
-    "no_timer_check",
-    "cryptomgr.notests",
-    "rcupdate.rcu_expedited=1",
-    "8250.nr_uarts=1",
-];
 
 /// Where the programs QEMU needs live.
 #[derive(Debug, Clone)]
@@ -61,20 +45,6 @@ impl QemuBinaries {
             virtiofsd: find_program("virtiofsd")?,
         })
     }
-}
-
-fn find_program(name: &'static str) -> Result<PathBuf, HypervisorError> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    dirs.extend(["/usr/local/bin", "/usr/libexec", "/usr/bin"].map(PathBuf::from));
-    dirs.iter()
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .ok_or_else(|| HypervisorError::MissingProgram {
-            program: name,
-            looked_in: "PATH, /usr/local/bin, /usr/libexec".into(),
-        })
 }
 
 /// Runs VMs with QEMU's microvm machine.
@@ -154,18 +124,6 @@ impl VmFiles {
             console: d.join("console.log"),
         }
     }
-}
-
-/// The guest kernel command line for `config`.
-pub(crate) fn kernel_cmdline(config: &VmConfig) -> String {
-    let mut words: Vec<&str> = BASE_CMDLINE.to_vec();
-    words.push(if config.debug_console {
-        "loglevel=7"
-    } else {
-        "quiet"
-    });
-    words.extend(config.kernel_params.iter().map(String::as_str));
-    words.join(" ")
 }
 
 /// QEMU's arguments for `config`, with `accel` already resolved.
@@ -266,26 +224,6 @@ fn vsock_backend_args(files: &VmFiles) -> Vec<OsString> {
     ]
 }
 
-fn virtiofsd_args(shared_dir: &Path, socket: &Path) -> Vec<OsString> {
-    vec![
-        "--socket-path".into(),
-        socket.into(),
-        "--shared-dir".into(),
-        shared_dir.into(),
-        // The guest never caches: the host changes the directory under it
-        // (rootfs and volumes bind-mounted in as containers come).
-        "--cache".into(),
-        "never".into(),
-        // Bind mounts inside the shared directory get their own st_dev in
-        // the guest, so inode numbers of different filesystems never clash.
-        "--announce-submounts".into(),
-        // Keep the fd limit the runtime has: raising it needs
-        // CAP_SYS_RESOURCE, and the attempt only adds a warning.
-        "--rlimit-nofile".into(),
-        "0".into(),
-    ]
-}
-
 #[async_trait]
 impl Hypervisor for QemuHypervisor {
     fn name(&self) -> &'static str {
@@ -305,32 +243,18 @@ impl Hypervisor for QemuHypervisor {
         state.claim(&files.vhost_vsock)?;
         state.claim(&files.agent)?;
         if let Some(fs) = &files.fs {
-            state.claim(fs)?;
-            // virtiofsd's lock file beside its socket.
-            let mut lock = fs.clone().into_os_string();
-            lock.push(".pid");
-            state.claim(Path::new(&lock))?;
+            virtiofsd::claim_files(&mut state, fs)?;
         }
         let mut tree = ProcessTree::new(&config.id, state);
-        if let Some(dir) = &config.shared_dir {
-            match shared_dir::ensure_shared(dir) {
-                Ok(Some(mount)) => tree.state().add_mount(mount),
-                Ok(None) => {}
-                Err(e) => {
-                    tree.kill_and_clean().await;
-                    return Err(e);
-                }
-            }
-        }
 
         let mut vsock = Command::new(&self.binaries.vsock_backend);
         vsock.args(vsock_backend_args(&files));
-        tree.spawn(ProcessRole::VsockBackend, "vhost-device-vsock", vsock)?;
-
+        if let Err(e) = tree.spawn(ProcessRole::VsockBackend, "vhost-device-vsock", vsock) {
+            tree.kill_and_clean().await;
+            return Err(e);
+        }
         if let (Some(dir), Some(socket)) = (&config.shared_dir, &files.fs) {
-            let mut fsd = Command::new(&self.binaries.virtiofsd);
-            fsd.args(virtiofsd_args(dir, socket));
-            if let Err(e) = tree.spawn(ProcessRole::FsBackend, "virtiofsd", fsd) {
+            if let Err(e) = virtiofsd::start(&mut tree, &self.binaries.virtiofsd, dir, socket) {
                 tree.kill_and_clean().await;
                 return Err(e);
             }
@@ -467,21 +391,6 @@ mod tests {
                 "/run/nutshell/pod-a/vhu.sock",
                 "--uds-path",
                 "/run/nutshell/pod-a/vsock.sock"
-            ]
-        );
-        let f: Vec<String> = virtiofsd_args(Path::new("/srv/x"), Path::new("/s/fs.sock"))
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect();
-        assert_eq!(
-            f[..6],
-            [
-                "--socket-path",
-                "/s/fs.sock",
-                "--shared-dir",
-                "/srv/x",
-                "--cache",
-                "never"
             ]
         );
     }

@@ -10,9 +10,9 @@ use nutshell_protocol::agent::CreateSandboxRequest;
 use tokio::task::JoinHandle;
 
 use crate::agent::{AgentClient, DialOptions};
-use crate::config::{Backend, Config};
-use crate::hypervisor::qemu::QemuHypervisor;
-use crate::hypervisor::{Accel, Hypervisor, VmConfig};
+use crate::config::Config;
+use crate::hypervisor::select::select_backend;
+use crate::hypervisor::{Accel, VmConfig};
 use crate::sandbox::{shared_dir_storage, Sandbox, GUEST_SHARED_DIR};
 
 use super::events::Events;
@@ -104,27 +104,14 @@ impl Pod {
         dir: &Path,
         shared: &Path,
     ) -> Result<Sandbox, ShimError> {
-        let hypervisor: Box<dyn Hypervisor> = match config.vm.backend {
-            // The own VMM is not wired into the runtime yet; `auto` means
-            // QEMU until it is, on KVM where the probe says KVM can run a
-            // Linux guest, on TCG otherwise.
-            Backend::Qemu | Backend::Auto => Box::new(
-                QemuHypervisor::discover()
-                    .map_err(|e| {
-                        ShimError::FailedPrecondition(format!(
-                            "the qemu backend is not usable: {}",
-                            chain(&e)
-                        ))
-                    })?
-                    .with_kvm_usable(kvm_can_run_linux().await),
-            ),
-            Backend::Vmm => {
-                return Err(ShimError::FailedPrecondition(format!(
-                    "vm.backend = \"vmm\" in {}: the nutshell-vmm backend is not available in this build; use \"qemu\" or \"auto\"",
-                    config.source_name()
-                )))
-            }
-        };
+        let hypervisor = select_backend(config.vm.backend).await.map_err(|e| {
+            ShimError::FailedPrecondition(format!(
+                "vm.backend = \"{}\" in {}: {}",
+                config.vm.backend,
+                config.source_name(),
+                chain(&e)
+            ))
+        })?;
         let mut vm = VmConfig::new(spec.id.clone(), dir);
         vm.kernel = config.vm.kernel.clone();
         vm.initrd = config.vm.initrd.clone();
@@ -209,38 +196,6 @@ impl Pod {
         tracing::info!(pod = %self.id, %exit, "pod's VM ended");
         undo_dirs(&self.dir).await;
     }
-}
-
-/// Whether this host's KVM can run a Linux guest (nutshell-vmm's CPL0
-/// `int3` probe, a few milliseconds), asked once per shim.
-async fn kvm_can_run_linux() -> bool {
-    static VERDICT: tokio::sync::OnceCell<bool> = tokio::sync::OnceCell::const_new();
-    *VERDICT
-        .get_or_init(|| async {
-            if !Path::new("/dev/kvm").exists() {
-                return false;
-            }
-            let r = tokio::task::spawn_blocking(|| {
-                nutshell_vmm::probe::probe_kvm(Duration::from_secs(2))
-            })
-            .await;
-            match r {
-                Ok(Ok(nutshell_vmm::probe::ProbeVerdict::CanRunLinux)) => true,
-                Ok(Ok(nutshell_vmm::probe::ProbeVerdict::CannotRunLinux { detail })) => {
-                    tracing::info!(%detail, "KVM cannot run a Linux guest here: QEMU uses TCG");
-                    false
-                }
-                Ok(Err(e)) => {
-                    tracing::info!(error = %e, "KVM probe failed: QEMU uses TCG");
-                    false
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "KVM probe task failed");
-                    false
-                }
-            }
-        })
-        .await
 }
 
 /// Names the config key and file when a guest asset is missing: the most
