@@ -104,15 +104,19 @@ done
 cargo_tool_pids=()
 
 # ---------------------------------------------------------------------------
-# containerd-shim-nutshell-v2, its config, containerd, and the main job
+# containerd-shim-nutshell-v2 (and nutshell-vmm, its backend wherever KVM
+# can run Linux), its config, containerd, and the main job
 # (issue 4). The machine's own containerd config is never overwritten: the
 # nutshell runtime goes into a drop-in, and the main job runs on a private
 # containerd (own root, state and socket), so nothing of the machine's is
 # restarted.
 if [[ $MODE == all ]]; then
-  step "shim: containerd-shim-nutshell-v2 -> /usr/local/bin"
-  cargo build --release -p nutshell-runtime --bin containerd-shim-nutshell-v2
-  install -m 0755 target/release/containerd-shim-nutshell-v2 /usr/local/bin/containerd-shim-nutshell-v2
+  step "binaries: containerd-shim-nutshell-v2, nutshell-vmm, nutshell -> /usr/local/bin"
+  cargo build --release -p nutshell-runtime --bin containerd-shim-nutshell-v2 \
+    -p nutshell-vmm --bin nutshell-vmm -p nutshell --bin nutshell
+  for bin in containerd-shim-nutshell-v2 nutshell-vmm nutshell; do
+    install -m 0755 "target/release/$bin" "/usr/local/bin/$bin"
+  done
 
   step "nutshell config"
   if [[ -e /etc/nutshell/config.toml ]]; then

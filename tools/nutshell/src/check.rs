@@ -52,7 +52,7 @@ impl fmt::Display for Verdict {
 pub enum Backend {
     /// nutshell-vmm on KVM.
     Vmm,
-    /// QEMU with TCG (software CPU).
+    /// QEMU: on KVM where it can run Linux, TCG (software CPU) otherwise.
     Qemu,
     /// Neither can work.
     None,
@@ -240,6 +240,7 @@ pub fn run(opts: &Options) -> Report {
     let verdicts = vec![
         kvm,
         kvm_linux,
+        tool("nutshell-vmm", &["--version"]),
         tool("qemu-system-x86_64", &["--version"]),
         tool("vhost-device-vsock", &["--version"]),
         tool("virtiofsd", &["--version"]),
@@ -252,20 +253,37 @@ pub fn run(opts: &Options) -> Report {
         backend: Backend::None,
         backend_reason: String::new(),
     };
-    (report.backend, report.backend_reason) = if kvm_runs_linux {
-        (Backend::Vmm, "nutshell-vmm on KVM".into())
-    } else if report.ok("qemu-system-x86_64") && report.ok("vhost-device-vsock") {
-        (
+    (report.backend, report.backend_reason) = choose_backend(
+        kvm_runs_linux,
+        report.ok("nutshell-vmm"),
+        report.ok("qemu-system-x86_64") && report.ok("vhost-device-vsock"),
+    );
+    report
+}
+
+/// The backend the runtime's `auto` picks (`runtime/src/hypervisor/select.rs`),
+/// and why.
+fn choose_backend(kvm_runs_linux: bool, has_vmm: bool, has_qemu: bool) -> (Backend, String) {
+    match (kvm_runs_linux, has_vmm, has_qemu) {
+        (true, true, _) => (Backend::Vmm, "nutshell-vmm on KVM".into()),
+        (true, false, true) => (
+            Backend::Qemu,
+            "QEMU on KVM: nutshell-vmm is not installed".into(),
+        ),
+        (false, _, true) => (
             Backend::Qemu,
             "QEMU with TCG: KVM here cannot run a Linux guest".into(),
-        )
-    } else {
-        (
+        ),
+        (true, false, false) => (
+            Backend::None,
+            "KVM runs Linux but neither nutshell-vmm nor QEMU with vhost-device-vsock is installed"
+                .into(),
+        ),
+        (false, _, false) => (
             Backend::None,
             "KVM cannot run Linux and QEMU or vhost-device-vsock is missing".into(),
-        )
-    };
-    report
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -307,6 +325,20 @@ mod tests {
         let r = report(Backend::Vmm, &["guest-initramfs"]);
         assert_eq!(r.exit_status(), 4);
         assert!(r.backend_line().contains("missing: guest-initramfs"));
+    }
+
+    #[test]
+    fn the_backend_follows_kvm_and_what_is_installed() {
+        assert_eq!(choose_backend(true, true, true).0, Backend::Vmm);
+        assert_eq!(choose_backend(true, true, false).0, Backend::Vmm);
+        let (b, why) = choose_backend(true, false, true);
+        assert_eq!(b, Backend::Qemu);
+        assert!(why.contains("on KVM"), "{why}");
+        let (b, why) = choose_backend(false, true, true);
+        assert_eq!(b, Backend::Qemu);
+        assert!(why.contains("TCG"), "{why}");
+        assert_eq!(choose_backend(false, true, false).0, Backend::None);
+        assert_eq!(choose_backend(true, false, false).0, Backend::None);
     }
 
     #[test]
