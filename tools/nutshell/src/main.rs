@@ -2,8 +2,11 @@
 //!
 //! `nutshell check` says whether this host can run nutshell and with which
 //! backend; its exit status is documented in [`check::ExitStatus`].
+//! `nutshell run` runs one container in its own microVM, without
+//! containerd; see [`run`].
 
 mod check;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,10 +35,17 @@ enum Command {
         #[arg(long, default_value = "/usr/share/nutshell")]
         guest_dir: PathBuf,
     },
+    /// Run one command in a container in its own microVM (no containerd).
+    ///
+    /// Exit status: the container's (128 + signal when a signal ended it),
+    /// 125 when nutshell itself failed, 127 when the rootfs lacks the
+    /// command.
+    Run(run::RunArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging();
     match cli.command {
         Command::Check {
             backend_only,
@@ -52,5 +62,17 @@ fn main() -> ExitCode {
             }
             ExitCode::from(report.exit_status() as u8)
         }
+        Command::Run(args) => run::main(args),
+    }
+}
+
+/// The runtime's logs go to stderr when `NUTSHELL_LOG` asks for them
+/// (`NUTSHELL_LOG=debug`); otherwise only our own messages are printed.
+fn init_logging() {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("NUTSHELL_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
     }
 }
