@@ -53,6 +53,14 @@ pub enum VirtioDeviceConfig {
         /// Host socket path; guest-initiated connections go to `<uds>_<port>`.
         uds_path: PathBuf,
     },
+    /// A shared directory (virtio-fs) served by a `virtiofsd` listening on
+    /// `socket` (vhost-user).
+    Fs {
+        /// The mount tag the guest mounts (1 to 36 bytes).
+        tag: String,
+        /// The backend's vhost-user socket.
+        socket: PathBuf,
+    },
 }
 
 /// A whole VM.

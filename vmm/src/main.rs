@@ -19,7 +19,7 @@ use nutshell_vmm::{BootSource, SerialOutput, VirtioDeviceConfig, VmConfig, Vmm};
 struct Args {
     /// The whole VM as a JSON file (see the README); other VM flags are
     /// then not allowed.
-    #[arg(long, conflicts_with_all = ["kernel", "payload", "initrd", "block", "vsock", "rng", "api_socket", "timeout_ms"])]
+    #[arg(long, conflicts_with_all = ["kernel", "payload", "initrd", "block", "vsock", "rng", "fs", "api_socket", "timeout_ms"])]
     config: Option<PathBuf>,
     /// Uncompressed ELF kernel (vmlinux).
     #[arg(long, required_unless_present_any = ["probe", "payload", "config"])]
@@ -54,6 +54,11 @@ struct Args {
     /// Attach a virtio-rng device.
     #[arg(long)]
     rng: bool,
+    /// A shared directory (virtio-fs): `<tag>,<socket>`, the tag the guest
+    /// mounts (1 to 36 bytes) and the vhost-user socket of the `virtiofsd`
+    /// serving it (which must already listen). Repeatable.
+    #[arg(long, value_name = "TAG,SOCKET")]
+    fs: Vec<String>,
     /// Control API socket (state, pause, resume, shutdown).
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -92,6 +97,8 @@ struct FileConfig {
     vsock: Option<FileVsock>,
     #[serde(default)]
     rng: bool,
+    #[serde(default)]
+    fs: Vec<FileFs>,
     api_socket: Option<PathBuf>,
     timeout_ms: Option<u64>,
     #[serde(default)]
@@ -111,6 +118,13 @@ struct FileBlock {
 struct FileVsock {
     guest_cid: u32,
     uds_path: PathBuf,
+}
+
+#[derive(serde::Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileFs {
+    tag: String,
+    socket: PathBuf,
 }
 
 /// Folds a JSON config into the flags, so one code path builds the VM.
@@ -150,6 +164,10 @@ fn apply_file(args: &mut Args, path: &PathBuf) -> anyhow::Result<()> {
         .vsock
         .map(|v| format!("{},{}", v.guest_cid, v.uds_path.display()));
     args.rng = f.rng;
+    args.fs =
+        f.fs.into_iter()
+            .map(|d| format!("{},{}", d.tag, d.socket.display()))
+            .collect();
     args.api_socket = f.api_socket;
     args.timeout_ms = f.timeout_ms;
     args.no_pvh = f.no_pvh;
@@ -202,6 +220,16 @@ fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
     }
     if args.rng {
         devices.push(VirtioDeviceConfig::Rng);
+    }
+    for f in &args.fs {
+        let (tag, socket) = f
+            .split_once(',')
+            .with_context(|| format!("--fs wants <tag>,<socket>, got {f:?}"))?;
+        nutshell_vmm::devices::virtio::fs::tag_field(tag)?;
+        devices.push(VirtioDeviceConfig::Fs {
+            tag: tag.to_string(),
+            socket: socket.into(),
+        });
     }
     let mut config = VmConfig::new(boot_source(args)?);
     config.memory_mib = args.memory_mib;

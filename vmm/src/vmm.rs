@@ -24,6 +24,7 @@ use crate::devices::serial::{
     ConsoleWriter, SerialDevice, SerialInput, SharedTail, COM1_BASE, COM1_LEN,
 };
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::fs::{Fs, FsError};
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
@@ -75,6 +76,9 @@ pub enum VmmError {
     /// A device's host side could not be opened.
     #[error("Failed to open the device backend {0}.")]
     Device(std::path::PathBuf, #[source] std::io::Error),
+    /// A virtio-fs device could not be set up (its message names the socket).
+    #[error("Failed to set up a virtio-fs device.")]
+    Fs(#[from] FsError),
     /// The event loop failed.
     #[error("The event loop failed: {0:?}")]
     EventLoop(event_manager::Error),
@@ -438,6 +442,7 @@ fn create_device(config: &VirtioDeviceConfig) -> Result<Box<dyn VirtioDevice>, V
             Vsock::new(u64::from(*guest_cid), uds_path)
                 .map_err(|e| VmmError::Device(uds_path.clone(), e))?,
         ),
+        VirtioDeviceConfig::Fs { tag, socket } => Box::new(Fs::new(tag, socket)?),
     })
 }
 

@@ -70,7 +70,7 @@ pub struct MmioTransport {
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
     queues: Vec<Queue>,
-    queue_evts: Vec<EventFd>,
+    queue_evts: Vec<Arc<EventFd>>,
     queue_sel: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -102,7 +102,9 @@ impl MmioTransport {
         let mut queue_evts = Vec::new();
         for &max in device.queue_max_sizes() {
             queues.push(Queue::new(max).map_err(MmioError::Queue)?);
-            queue_evts.push(EventFd::new(EFD_NONBLOCK).map_err(MmioError::EventFd)?);
+            queue_evts.push(Arc::new(
+                EventFd::new(EFD_NONBLOCK).map_err(MmioError::EventFd)?,
+            ));
         }
         Ok(MmioTransport {
             device,
@@ -122,7 +124,7 @@ impl MmioTransport {
 
     /// The queue notification eventfds, one per queue (registered as
     /// ioeventfds on `QueueNotify` with the queue index as datamatch).
-    pub fn queue_evts(&self) -> &[EventFd] {
+    pub fn queue_evts(&self) -> &[Arc<EventFd>] {
         &self.queue_evts
     }
 
@@ -148,6 +150,9 @@ impl MmioTransport {
 
     /// Queue `i`'s eventfd fired: drain it and let the device work.
     pub fn handle_queue_event(&mut self, i: usize) {
+        if self.device.queues_served_externally() {
+            return;
+        }
         if let Some(e) = self.queue_evts.get(i) {
             let _ = e.read();
             if self.activated {
@@ -246,11 +251,13 @@ impl MmioTransport {
             mem: self.mem.clone(),
             queues,
             acked_features: self.acked_features,
+            queue_kicks: self.queue_evts.clone(),
         };
         match self.device.activate(act, self.interrupt.clone()) {
             Ok(()) => self.activated = true,
             Err(e) => {
-                tracing::warn!(error = %e, "virtio device failed to activate");
+                let cause = std::error::Error::source(&e).map(|s| s.to_string());
+                tracing::warn!(error = %e, cause, "virtio device failed to activate");
                 self.status |= status::NEEDS_RESET;
                 self.interrupt.trigger(super::INT_CONFIG);
             }
@@ -373,8 +380,14 @@ impl MutEventSubscriber for MmioTransport {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for e in &self.queue_evts {
-            if let Err(err) = ops.add(Events::new(e, EventSet::IN)) {
+        // A vhost-user backend reads these itself.
+        let evts = if self.device.queues_served_externally() {
+            &[][..]
+        } else {
+            &self.queue_evts[..]
+        };
+        for e in evts {
+            if let Err(err) = ops.add(Events::new(e.as_ref(), EventSet::IN)) {
                 tracing::error!(?err, "failed to watch a virtio queue eventfd");
             }
         }

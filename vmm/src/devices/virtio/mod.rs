@@ -5,6 +5,7 @@
 //! and the device's host-side fds to it.
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod rng;
 #[cfg(test)]
@@ -13,6 +14,7 @@ pub mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use event_manager::EventOps;
 use virtio_queue::Queue;
@@ -28,6 +30,8 @@ pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
 /// Device type: socket.
 pub const TYPE_VSOCK: u32 = 19;
+/// Device type: file system (virtio-fs).
+pub const TYPE_FS: u32 = 26;
 
 /// `InterruptStatus` bit: a used ring was updated.
 pub const INT_VRING: u32 = 0x1;
@@ -81,6 +85,9 @@ pub struct Activation {
     pub queues: Vec<Queue>,
     /// The features the driver accepted.
     pub acked_features: u64,
+    /// The queues' notification eventfds (the transport's ioeventfds, one
+    /// per queue), for devices whose queues another process serves.
+    pub queue_kicks: Vec<Arc<EventFd>>,
 }
 
 impl Activation {
@@ -111,6 +118,9 @@ pub enum ActivateError {
     /// A host resource the device needs failed.
     #[error("The device's host side failed to start.")]
     Host(#[source] std::io::Error),
+    /// The device's backend process refused or failed the setup.
+    #[error("The device's backend failed to start the queues.")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// A virtio device model.
@@ -126,15 +136,17 @@ pub trait VirtioDevice: Send {
     /// Writes the device configuration space (ignored by default).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// Starts the device with its queues.
-    fn activate(
-        &mut self,
-        act: Activation,
-        irq: std::sync::Arc<Interrupt>,
-    ) -> Result<(), ActivateError>;
+    fn activate(&mut self, act: Activation, irq: Arc<Interrupt>) -> Result<(), ActivateError>;
     /// The driver notified queue `index`.
     fn process_queue(&mut self, index: usize);
     /// The driver reset the device: drop the queues and all state.
     fn reset(&mut self);
+    /// Whether another process (a vhost-user backend) serves the queues:
+    /// the transport then leaves the queue eventfds to it and never reads
+    /// them, so no notification is lost to our event loop.
+    fn queues_served_externally(&self) -> bool {
+        false
+    }
     /// Host fds to watch from the start (e.g. a listening socket).
     fn init_host_events(&mut self, _ops: &mut EventOps) {}
     /// A host fd the device registered became ready.
