@@ -424,3 +424,119 @@ fn a_backend_that_dies_stops_the_device_not_the_vmm() {
     g.write(reg::STATUS, 0);
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// `mov dword [reg + disp32], imm32` with reg = rcx (0x81) or rbx (0x83).
+fn store(c: &mut Vec<u8>, modrm: u8, disp: u32, imm: u32) {
+    c.extend_from_slice(&[0xc7, modrm]);
+    c.extend_from_slice(&disp.to_le_bytes());
+    c.extend_from_slice(&imm.to_le_bytes());
+}
+
+/// A CPL3 virtio-fs "driver": lays out the request queue's rings and a
+/// FUSE_INIT request at 2 MiB, brings the device up through its MMIO
+/// window, notifies queue 1 (an ioeventfd that virtiofsd reads), spins
+/// until the used ring moves and then until InterruptStatus shows the
+/// used-ring bit (virtiofsd's call eventfd, forwarded by our event loop),
+/// prints InterruptStatus, the reply's error, unique, major and length,
+/// resets the device (GET_VRING_BASE on the socket) and then the VM. It
+/// first spins a while, so that all of this happens under the seccomp
+/// filter, which the VMM installs just after starting the vCPUs.
+fn fs_driver_payload() -> Vec<u8> {
+    const RC: u8 = 0x81;
+    const RB: u8 = 0x83;
+    let mut c = vec![0xb9, 0x00, 0x00, 0x00, 0x10]; // mov ecx, 0x10000000
+    c.extend_from_slice(&[0xff, 0xc9, 0x75, 0xfc]); // dec ecx; jnz back
+    c.extend_from_slice(&[0xb9, 0x00, 0x00, 0x20, 0x00]); // mov ecx, 0x200000
+                                                          // Queue 1 (0x210000): in (FUSE_INIT), out header, out fuse_init_out.
+    for (d, addr, len, flags_next) in [
+        (0u32, 0x22_0000u32, 56u32, 1 | 1 << 16),
+        (1, 0x22_1000, 16, 3 | 2 << 16),
+        (2, 0x22_2000, 64, 2),
+    ] {
+        store(&mut c, RC, 0x1_0000 + 16 * d, addr);
+        store(&mut c, RC, 0x1_0008 + 16 * d, len);
+        store(&mut c, RC, 0x1_000c + 16 * d, flags_next);
+    }
+    store(&mut c, RC, 0x1_1000, 1 << 16); // avail.idx = 1, ring[0] = 0
+    for (off, v) in [(0, 56), (4, FUSE_INIT), (8, 0x1234), (40, 7), (44, 31)] {
+        store(&mut c, RC, 0x2_0000 + off, v);
+    }
+    c.extend_from_slice(&[0xbb, 0x00, 0x00, 0x00, 0xd0]); // mov ebx, 0xd0000000
+    let mut regs = vec![(0x70, 1), (0x70, 3), (0x24, 1), (0x20, 1), (0x24, 0)];
+    regs.extend([(0x20, 0), (0x70, 0xb)]);
+    for (q, base) in [(0u32, 0x20_0000u32), (1, 0x21_0000)] {
+        regs.extend([(0x30, q), (0x38, u32::from(QSIZE)), (0x80, base)]);
+        regs.extend([(0x90, base + 0x1000), (0xa0, base + 0x2000), (0x44, 1)]);
+    }
+    regs.extend([(0x70, 0xf), (0x50, 1)]);
+    for (off, v) in regs {
+        store(&mut c, RB, off, v);
+    }
+    c.extend_from_slice(&[0xb9, 0x02, 0x20, 0x21, 0x00]); // mov ecx, 0x212002 (used.idx)
+    c.extend_from_slice(&[0x0f, 0xb7, 0x01, 0x85, 0xc0, 0x74, 0xf9]); // spin while 0
+    c.extend_from_slice(&[0x8b, 0x83, 0x60, 0, 0, 0, 0xa8, 0x01, 0x74, 0xf6]); // spin on INT_VRING
+    c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
+    c.extend_from_slice(&[0x8b, 0x83, 0x60, 0, 0, 0, 0xee]); // InterruptStatus
+    c.extend_from_slice(&[0xb9, 0x00, 0x10, 0x22, 0x00]); // mov ecx, 0x221000
+    c.extend_from_slice(&[0x8b, 0x41, 0x04, 0xee]); // error
+    c.extend_from_slice(&[0x8b, 0x41, 0x08, 0xee]); // unique
+    c.extend_from_slice(&[0x8b, 0x81, 0x00, 0x10, 0, 0, 0xee]); // major
+    c.extend_from_slice(&[0x8b, 0x01, 0xee]); // len
+    c.extend_from_slice(&[0xb0, 0x0a, 0xee]); // '\n'
+    store(&mut c, RB, 0x70, 0); // device reset
+    c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]); // VM reset
+    c
+}
+
+/// The binary with its seccomp filter on: virtio-fs's activation (vhost-user
+/// requests on the socket), virtiofsd's kick and call eventfds and the
+/// interrupt forwarding all work from a guest, and the VM ends with the
+/// guest's reset, not SIGSYS.
+#[test]
+fn hardened_binary_serves_a_guest_fuse_init_through_virtiofsd() {
+    if !prerequisites() || !require(common::kvm_usable(), "/dev/kvm is missing or not usable") {
+        return;
+    }
+    let daemon = Virtiofsd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let code = dir.path().join("fs-driver.bin");
+    std::fs::write(&code, fs_driver_payload()).unwrap();
+    let serial = dir.path().join("serial.log");
+    let out = Command::new(env!("CARGO_BIN_EXE_nutshell-vmm"))
+        .arg("--payload")
+        .arg(&code)
+        .args(["--memory-mib", "32", "--timeout-ms", "20000", "--fs"])
+        .arg(format!("nutshell,{}", daemon.socket.display()))
+        .arg("--serial")
+        .arg(&serial)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let got = std::fs::read(&serial).unwrap();
+    // InterruptStatus, error 0, unique 0x34, major 7, reply length 80.
+    assert_eq!(got, [INT_VRING as u8, 0, 0x34, 7, 80, b'\n'], "{stderr}");
+    assert!(!stderr.contains("virtio-fs"), "the reset failed: {stderr}");
+}
+
+#[test]
+fn the_binary_names_a_missing_virtiofsd_socket() {
+    let out = Command::new(env!("CARGO_BIN_EXE_nutshell-vmm"))
+        .args([
+            "--payload",
+            "/dev/null",
+            "--fs",
+            "nutshell,/nonexistent/fs.sock",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("/nonexistent/fs.sock"), "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_nutshell-vmm"))
+        .args(["--payload", "/dev/null", "--fs", "nutshell"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("<tag>,<socket>"));
+}

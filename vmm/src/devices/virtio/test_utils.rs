@@ -1,6 +1,7 @@
 //! Test helpers: a recording device and a driver that programs a transport
 //! through its registers, the way the guest's virtio-mmio driver does.
 
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::QueueT;
@@ -17,12 +18,17 @@ pub struct Probe {
     pub activations: usize,
     pub resets: usize,
     pub queue_sizes: Vec<u16>,
+    pub notifications: usize,
+    /// Raw fds of the queue kicks the last activation handed over.
+    pub kick_fds: Vec<i32>,
 }
 
 /// A device that records what the transport does to it.
 pub struct TestDevice {
     sizes: Vec<u16>,
     pub probe: Arc<Mutex<Probe>>,
+    /// Pretend a vhost-user backend serves the queues.
+    pub external: bool,
 }
 
 impl TestDevice {
@@ -30,6 +36,7 @@ impl TestDevice {
         TestDevice {
             sizes: sizes.to_vec(),
             probe: Arc::default(),
+            external: false,
         }
     }
 }
@@ -51,9 +58,15 @@ impl VirtioDevice for TestDevice {
         let mut p = self.probe.lock().unwrap();
         p.activations += 1;
         p.queue_sizes = act.queues.iter().map(|q| q.size()).collect();
+        p.kick_fds = act.queue_kicks.iter().map(|k| k.as_raw_fd()).collect();
         Ok(())
     }
-    fn process_queue(&mut self, _index: usize) {}
+    fn process_queue(&mut self, _index: usize) {
+        self.probe.lock().unwrap().notifications += 1;
+    }
+    fn queues_served_externally(&self) -> bool {
+        self.external
+    }
     fn reset(&mut self) {
         self.probe.lock().unwrap().resets += 1;
     }
