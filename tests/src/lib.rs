@@ -86,6 +86,19 @@ pub fn agent_binary() -> Option<PathBuf> {
     .find(|p| p.is_file())
 }
 
+/// The `nutshell-vmm` binary to test: `$NUTSHELL_VMM_BIN`, else the one
+/// `cargo build` made (`target/{debug,release}/nutshell-vmm`).
+pub fn vmm_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("NUTSHELL_VMM_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let root = workspace_root();
+    ["target/debug/nutshell-vmm", "target/release/nutshell-vmm"]
+        .iter()
+        .map(|p| root.join(p))
+        .find(|p| p.is_file())
+}
+
 /// Directory of the installed guest assets (`vmlinux`,
 /// `initramfs.cpio.gz`): `$NUTSHELL_GUEST_DIR`, else `/usr/share/nutshell`.
 pub fn guest_dir() -> PathBuf {

@@ -1,10 +1,12 @@
 //! Faults around the nutshell shim, through a private containerd: a missing
-//! guest kernel, a killed VM, a killed shim, a containerd restart, and
+//! guest kernel, a bad config value, the own VMM where KVM cannot run
+//! Linux, a guest that dies at boot, a killed VM, a killed shim, a containerd restart, and
 //! repeated create/delete cycles. Each must end with nothing left behind.
 
 use std::process::Stdio;
 use std::time::Duration;
 
+use nutshell_runtime::hypervisor::select::{kvm_verdict, KvmVerdict};
 use nutshell_tests::containerd::{start_test, test_nutshell_config, Containerd, NUTSHELL_RUN_DIR};
 
 /// How long a test gives nutshell to clean up before checking.
@@ -88,6 +90,40 @@ fn a_missing_kernel_or_a_bad_config_value_is_a_clear_error() {
         msg.contains("`vm.vcpus`") && msg.contains(&c.nutshell_config.display().to_string()),
         "the error names the key and the file: {msg}"
     );
+
+    // The own VMM: where this host's KVM cannot run Linux it is refused
+    // before anything starts, with the probe's reason and the way out.
+    std::fs::write(
+        &c.nutshell_config,
+        test_nutshell_config("").replace("backend = \"qemu\"", "backend = \"vmm\""),
+    )
+    .unwrap();
+    let verdict = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(kvm_verdict());
+    let out = c
+        .run_nutshell("ownvmm", &[], &["echo", "in the own VMM"])
+        .unwrap();
+    let msg = text(&out.stderr);
+    eprintln!("KVM verdict {verdict:?}; ctr run said: {msg}");
+    match verdict {
+        KvmVerdict::CanRunLinux => {
+            assert!(out.status.success(), "{msg}");
+            assert_eq!(text(&out.stdout).trim(), "in the own VMM");
+        }
+        KvmVerdict::Cannot(detail) => {
+            assert!(!out.status.success());
+            assert!(
+                msg.contains("vm.backend = \"vmm\"")
+                    && msg.contains(&c.nutshell_config.display().to_string())
+                    && msg.contains(&detail)
+                    && msg.contains("use the qemu backend"),
+                "the error names the key, the file, the reason and the way out: {msg}"
+            );
+        }
+    }
     c.remove_everything();
     c.assert_left_nothing(&before, SETTLE);
 }
