@@ -521,6 +521,10 @@ fn hardened_binary_serves_a_guest_fuse_init_through_virtiofsd() {
 
 #[test]
 fn the_binary_names_a_missing_virtiofsd_socket() {
+    // Devices are created after the VM: the socket error needs a KVM first.
+    if !require(common::kvm_usable(), "/dev/kvm is missing or not usable") {
+        return;
+    }
     let out = Command::new(env!("CARGO_BIN_EXE_nutshell-vmm"))
         .args([
             "--payload",
@@ -539,4 +543,27 @@ fn the_binary_names_a_missing_virtiofsd_socket() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("<tag>,<socket>"));
+
+    // The JSON config's "fs" list reaches the same device.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vm.json");
+    let json = r#"{"payload": "/dev/null", "fs": [{"tag": "nutshell", "socket": "/nonexistent/json-fs.sock"}]}"#;
+    std::fs::write(&cfg, json).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_nutshell-vmm"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("/nonexistent/json-fs.sock"), "{stderr}");
+    let json = r#"{"payload": "/dev/null", "fs": [{"tag": "", "socket": "/x.sock"}]}"#;
+    std::fs::write(&cfg, json).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_nutshell-vmm"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("1 to 36 bytes"), "{stderr}");
 }
