@@ -150,7 +150,15 @@ impl VirtioDevice for Fs {
             ));
         }
         if let Err(e) = self.start(&act) {
-            self.broken = true;
+            match e {
+                // The guest's doing: stop what was started, stay usable.
+                VhostUserError::RingAddress { .. } | VhostUserError::Memory(_) => {
+                    if self.backend.stop().is_err() {
+                        self.broken = true;
+                    }
+                }
+                _ => self.broken = true,
+            }
             return Err(ActivateError::Backend(Box::new(e)));
         }
         self.irq = Some(irq);
