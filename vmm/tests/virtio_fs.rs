@@ -21,7 +21,6 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 mod common;
 use common::require;
 
-const VIRTIOFSD: &str = "/usr/local/bin/virtiofsd";
 const FILE_NAME: &str = "hello.txt";
 const FILE_BODY: &[u8] = b"hello from the host, through virtiofsd\n";
 const QSIZE: u16 = 16;
@@ -29,13 +28,29 @@ const FUSE_LOOKUP: u32 = 1;
 const FUSE_INIT: u32 = 26;
 const ROOT_NODE: u64 = 1;
 
+/// virtiofsd where `tools/setup.sh` or a distribution puts it, or on PATH.
+fn virtiofsd() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    [
+        "/usr/local/bin",
+        "/usr/libexec",
+        "/usr/lib/qemu",
+        "/usr/bin",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .chain(std::env::split_paths(&path))
+    .map(|d| d.join("virtiofsd"))
+    .find(|p| p.is_file())
+}
+
 fn prerequisites() -> bool {
     // SAFETY: geteuid has no preconditions and touches no memory.
     let root = unsafe { libc::geteuid() } == 0;
     require(root, "virtiofsd's sandbox needs root")
         && require(
-            Path::new(VIRTIOFSD).exists(),
-            "virtiofsd is not installed at /usr/local/bin/virtiofsd",
+            virtiofsd().is_some(),
+            "virtiofsd is not installed (tools/setup.sh installs it)",
         )
 }
 
@@ -53,7 +68,7 @@ impl Virtiofsd {
         std::fs::create_dir(&shared).unwrap();
         std::fs::write(shared.join(FILE_NAME), FILE_BODY).unwrap();
         let socket = dir.path().join("fs.sock");
-        let child = Command::new(VIRTIOFSD)
+        let child = Command::new(virtiofsd().unwrap())
             .arg("--socket-path")
             .arg(&socket)
             .arg("--shared-dir")
