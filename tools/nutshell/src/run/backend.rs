@@ -4,28 +4,24 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use async_trait::async_trait;
 use nutshell_runtime::config::Backend;
-use nutshell_runtime::hypervisor::qemu::QemuHypervisor;
+use nutshell_runtime::hypervisor::select::select_backend;
 use nutshell_runtime::hypervisor::{Hypervisor, HypervisorError, RunningVm, VmConfig, VmEndWatch};
 use tokio::sync::watch;
 
-/// The backend for `--backend`. `auto` is QEMU on TCG: the runtime cannot
-/// yet run a VM with nutshell's own VMM, and this repository's machines'
-/// KVM cannot run Linux.
-// TODO: use nutshell_runtime::hypervisor's own selection once it exists.
+/// The backend for `--backend`, chosen by the runtime's own rule (the same
+/// as the shim's): `auto` is nutshell-vmm where KVM can run Linux and it
+/// is installed, QEMU otherwise (on TCG where KVM cannot run Linux).
 pub async fn select(backend: Backend) -> Result<Box<dyn Hypervisor>> {
-    match backend {
-        Backend::Auto | Backend::Qemu => {
-            let hv = QemuHypervisor::discover()
-                .context("the qemu backend is not usable: run tools/setup.sh, which installs QEMU, vhost-device-vsock and virtiofsd")?;
-            Ok(Box::new(hv.with_kvm_usable(false)))
-        }
-        Backend::Vmm => bail!(
-            "--backend vmm: the nutshell-vmm backend is not available in this build of the runtime; use --backend qemu (or auto)"
-        ),
-    }
+    select_backend(backend).await.with_context(|| {
+        let hint = match backend {
+            Backend::Vmm => "",
+            _ => "; tools/setup.sh installs QEMU, vhost-device-vsock and virtiofsd",
+        };
+        format!("the {backend} backend is not usable here{hint}")
+    })
 }
 
 /// What the wrapper learnt when the launch returned.
