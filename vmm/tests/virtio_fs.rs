@@ -63,6 +63,17 @@ struct Virtiofsd {
 
 impl Virtiofsd {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// `--sandbox none` keeps virtiofsd one process, so that killing and
+    /// reaping it closes its end of the socket (the default namespace
+    /// sandbox serves from a forked child that dies a little later).
+    fn start_unsandboxed() -> Self {
+        Self::start_with(&["--sandbox", "none"])
+    }
+
+    fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let shared = dir.path().join("shared");
         std::fs::create_dir(&shared).unwrap();
@@ -74,6 +85,7 @@ impl Virtiofsd {
             .arg("--shared-dir")
             .arg(&shared)
             .args(["--cache", "never", "--rlimit-nofile", "0"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -415,7 +427,7 @@ fn the_event_loop_notices_a_backend_that_exits() {
     if !prerequisites() {
         return;
     }
-    let mut daemon = Virtiofsd::start();
+    let mut daemon = Virtiofsd::start_unsandboxed();
     let sub = Arc::new(Mutex::new(
         Sub(Fs::new("nutshell", &daemon.socket).unwrap()),
     ));
@@ -458,7 +470,7 @@ fn a_backend_that_dies_stops_the_device_not_the_vmm() {
     if !prerequisites() {
         return;
     }
-    let mut daemon = Virtiofsd::start();
+    let mut daemon = Virtiofsd::start_unsandboxed();
     let mut g = Guest::new(&daemon.socket);
     daemon.child.kill().unwrap();
     daemon.child.wait().unwrap();

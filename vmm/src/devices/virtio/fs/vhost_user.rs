@@ -11,6 +11,7 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -38,6 +39,27 @@ pub const GUEST_FEATURE_MASK: u64 =
 /// from the backend: the tag is ours).
 fn wanted_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+}
+
+/// How long a socket that exists but refuses connections gets: virtiofsd
+/// binds its socket (the file appears, which is what callers wait for) a
+/// moment before it listens.
+const CONNECT_REFUSED_GRACE: Duration = Duration::from_secs(2);
+
+fn connect_retrying(socket: &Path) -> Result<UnixStream, VhostUserError> {
+    let deadline = Instant::now() + CONNECT_REFUSED_GRACE;
+    loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(VhostUserError::Connect(socket.into(), e)),
+        }
+    }
 }
 
 /// Failure of the vhost-user link to the file server.
@@ -105,8 +127,7 @@ impl FsBackend {
     /// not depend on the guest: owner, features, protocol features, queue
     /// count (at least `queues`).
     pub fn connect(socket: &Path, queues: usize) -> Result<Self, VhostUserError> {
-        let stream =
-            UnixStream::connect(socket).map_err(|e| VhostUserError::Connect(socket.into(), e))?;
+        let stream = connect_retrying(socket)?;
         let mut frontend = Frontend::from_stream(stream, queues as u64);
         let step = |step: &'static str| {
             let socket = socket.to_path_buf();
