@@ -84,6 +84,45 @@ pub fn internal_error_name(suberror: u32) -> &'static str {
     }
 }
 
+/// The internal-error sentence without the console lines.
+fn write_internal_error(f: &mut impl fmt::Write, suberror: u32, data: &[u64]) -> fmt::Result {
+    write!(
+        f,
+        "KVM internal error (KVM_EXIT_INTERNAL_ERROR), suberror {suberror} ({})",
+        internal_error_name(suberror)
+    )?;
+    if let Some(bytes) = emulation_failure_bytes(suberror, data) {
+        let b: Vec<String> = bytes.iter().map(|v| format!("{v:02x}")).collect();
+        write!(f, ", at instruction bytes [{}]", b.join(" "))?;
+    } else if !data.is_empty() {
+        let d: Vec<String> = data.iter().map(|v| format!("{v:#x}")).collect();
+        write!(f, ", data [{}]", d.join(", "))?;
+    }
+    if suberror == 1 {
+        write!(
+            f,
+            "; this KVM cannot run an instruction the guest needs (see `nutshell check`)"
+        )?;
+    }
+    Ok(())
+}
+
+impl ExitReason {
+    /// The reason on one line, without the guest's console lines: what a
+    /// supervisor that keeps only the tail of our stderr must still see.
+    pub fn headline(&self) -> String {
+        match self {
+            ExitReason::KvmInternalError { suberror, data, .. } => {
+                let mut s = String::new();
+                // Writing to a String cannot fail.
+                let _ = write_internal_error(&mut s, *suberror, data);
+                s
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
 impl fmt::Display for ExitReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -95,24 +134,7 @@ impl fmt::Display for ExitReason {
                 data,
                 console_tail,
             } => {
-                write!(
-                    f,
-                    "KVM internal error (KVM_EXIT_INTERNAL_ERROR), suberror {suberror} ({})",
-                    internal_error_name(*suberror)
-                )?;
-                if let Some(bytes) = emulation_failure_bytes(*suberror, data) {
-                    let b: Vec<String> = bytes.iter().map(|v| format!("{v:02x}")).collect();
-                    write!(f, ", at instruction bytes [{}]", b.join(" "))?;
-                } else if !data.is_empty() {
-                    let d: Vec<String> = data.iter().map(|v| format!("{v:#x}")).collect();
-                    write!(f, ", data [{}]", d.join(", "))?;
-                }
-                if *suberror == 1 {
-                    write!(
-                        f,
-                        "; this KVM cannot run an instruction the guest needs (see `nutshell check`)"
-                    )?;
-                }
+                write_internal_error(f, *suberror, data)?;
                 if console_tail.is_empty() {
                     write!(f, "; the guest printed nothing on the console")
                 } else {
@@ -236,5 +258,21 @@ mod tests {
         assert!(s.contains("data [0x10]"), "{s}");
         assert!(s.contains("suberror 1 (emulation failure)"), "{s}");
         assert!(s.contains("| last"), "{s}");
+    }
+
+    #[test]
+    fn the_headline_is_one_line_without_the_console() {
+        let r = ExitReason::KvmInternalError {
+            suberror: 1,
+            data: vec![],
+            console_tail: vec!["Linux version 6.1".into(), "last".into()],
+        };
+        let h = r.headline();
+        assert!(h.contains("suberror 1 (emulation failure)"), "{h}");
+        assert!(!h.contains('\n') && !h.contains("last"), "{h}");
+        assert_eq!(
+            ExitReason::GuestReset.headline(),
+            ExitReason::GuestReset.to_string()
+        );
     }
 }

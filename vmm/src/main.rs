@@ -296,6 +296,15 @@ fn main() -> ExitCode {
         eprintln!("nutshell-vmm: {reason}");
     } else {
         eprintln!("nutshell-vmm: the VM ended: {reason}");
+        // Once more as the last line: a supervisor that keeps only the tail
+        // of our stderr (the runtime does) sees why, not console lines.
+        if reason.headline() != reason.to_string() {
+            eprintln!(
+                "nutshell-vmm: exit status {}: {}",
+                reason.exit_code(),
+                reason.headline()
+            );
+        }
     }
     nutshell_vmm::timing::report("VM torn down");
     ExitCode::from(reason.exit_code() as u8)
