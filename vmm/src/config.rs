@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::arch::regs::EntryMode;
 use crate::boot::linux::LinuxBoot;
+use crate::devices::virtio::net::MacAddr;
 
 /// Where the serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +61,14 @@ pub enum VirtioDeviceConfig {
         tag: String,
         /// The backend's vhost-user socket.
         socket: PathBuf,
+    },
+    /// A network card (virtio-net) on a host tap interface.
+    Net {
+        /// The tap's name; it is attached to if it exists (the runtime or
+        /// CNI made it), created otherwise (needs `CAP_NET_ADMIN`).
+        tap: String,
+        /// The guest's MAC address; random and locally administered if unset.
+        mac: Option<MacAddr>,
     },
 }
 

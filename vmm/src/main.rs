@@ -19,7 +19,7 @@ use nutshell_vmm::{BootSource, SerialOutput, VirtioDeviceConfig, VmConfig, Vmm};
 struct Args {
     /// The whole VM as a JSON file (see the README); other VM flags are
     /// then not allowed.
-    #[arg(long, conflicts_with_all = ["kernel", "payload", "initrd", "block", "vsock", "rng", "fs", "api_socket", "timeout_ms"])]
+    #[arg(long, conflicts_with_all = ["kernel", "payload", "initrd", "block", "vsock", "rng", "fs", "net", "api_socket", "timeout_ms"])]
     config: Option<PathBuf>,
     /// Uncompressed ELF kernel (vmlinux).
     #[arg(long, required_unless_present_any = ["probe", "payload", "config"])]
@@ -59,6 +59,13 @@ struct Args {
     /// serving it (which must already listen). Repeatable.
     #[arg(long, value_name = "TAG,SOCKET")]
     fs: Vec<String>,
+    /// A network card (virtio-net) on a host tap: `<tap>[,mac=<mac>]`. The
+    /// tap is attached to if it exists (made by the runtime or a CNI
+    /// plugin), created otherwise (needs CAP_NET_ADMIN); the VMM sets no
+    /// address and no link state. Without `mac=` the guest gets a random
+    /// locally administered address. Repeatable.
+    #[arg(long, value_name = "TAP[,mac=MAC]")]
+    net: Vec<String>,
     /// Control API socket (state, pause, resume, shutdown).
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -99,6 +106,8 @@ struct FileConfig {
     rng: bool,
     #[serde(default)]
     fs: Vec<FileFs>,
+    #[serde(default)]
+    net: Vec<FileNet>,
     api_socket: Option<PathBuf>,
     timeout_ms: Option<u64>,
     #[serde(default)]
@@ -125,6 +134,13 @@ struct FileVsock {
 struct FileFs {
     tag: String,
     socket: PathBuf,
+}
+
+#[derive(serde::Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileNet {
+    tap: String,
+    mac: Option<String>,
 }
 
 /// Folds a JSON config into the flags, so one code path builds the VM.
@@ -168,6 +184,14 @@ fn apply_file(args: &mut Args, path: &PathBuf) -> anyhow::Result<()> {
         f.fs.into_iter()
             .map(|d| format!("{},{}", d.tag, d.socket.display()))
             .collect();
+    args.net = f
+        .net
+        .into_iter()
+        .map(|n| match n.mac {
+            Some(m) => format!("{},mac={m}", n.tap),
+            None => n.tap,
+        })
+        .collect();
     args.api_socket = f.api_socket;
     args.timeout_ms = f.timeout_ms;
     args.no_pvh = f.no_pvh;
@@ -231,6 +255,9 @@ fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
             socket: socket.into(),
         });
     }
+    for n in &args.net {
+        devices.push(parse_net(n)?);
+    }
     let mut config = VmConfig::new(boot_source(args)?);
     config.memory_mib = args.memory_mib;
     config.vcpus = args.vcpus;
@@ -245,6 +272,24 @@ fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
     config.api_socket = args.api_socket.clone();
     config.harden = !args.no_seccomp;
     Ok(config)
+}
+
+/// `<tap>[,mac=<mac>]`.
+fn parse_net(s: &str) -> anyhow::Result<VirtioDeviceConfig> {
+    let mut parts = s.split(',');
+    let tap = parts.next().unwrap_or_default();
+    nutshell_vmm::devices::virtio::net::tap::check_name(tap)?;
+    let mut mac = None;
+    for p in parts {
+        match p.split_once('=') {
+            Some(("mac", m)) => mac = Some(m.parse()?),
+            _ => bail!("--net wants <tap>[,mac=<mac>], got {s:?}"),
+        }
+    }
+    Ok(VirtioDeviceConfig::Net {
+        tap: tap.to_string(),
+        mac,
+    })
 }
 
 fn main() -> ExitCode {

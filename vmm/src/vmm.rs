@@ -26,6 +26,7 @@ use crate::devices::serial::{
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::fs::{Fs, FsError};
 use crate::devices::virtio::mmio::{self, MmioTransport};
+use crate::devices::virtio::net::{Net, TapError};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
@@ -79,6 +80,9 @@ pub enum VmmError {
     /// A virtio-fs device could not be set up (its message names the socket).
     #[error("Failed to set up a virtio-fs device.")]
     Fs(#[from] FsError),
+    /// A virtio-net device's tap could not be opened (its message names it).
+    #[error("Failed to set up a virtio-net device.")]
+    Net(#[from] TapError),
     /// The event loop failed.
     #[error("The event loop failed: {0:?}")]
     EventLoop(event_manager::Error),
@@ -443,6 +447,11 @@ fn create_device(config: &VirtioDeviceConfig) -> Result<Box<dyn VirtioDevice>, V
                 .map_err(|e| VmmError::Device(uds_path.clone(), e))?,
         ),
         VirtioDeviceConfig::Fs { tag, socket } => Box::new(Fs::new(tag, socket)?),
+        VirtioDeviceConfig::Net { tap, mac } => {
+            let net = Net::open(tap, *mac)?;
+            tracing::info!(tap, mac = %net.mac(), "virtio-net on a tap");
+            Box::new(net)
+        }
     })
 }
 

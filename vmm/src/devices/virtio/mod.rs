@@ -7,6 +7,7 @@
 pub mod block;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
@@ -24,6 +25,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// virtio 1.x (the transport always offers it; legacy is not supported).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Device type: network card.
+pub const TYPE_NET: u32 = 1;
 /// Device type: block.
 pub const TYPE_BLOCK: u32 = 2;
 /// Device type: entropy.
