@@ -28,5 +28,9 @@ cargo build -p nutshell-runtime --bin containerd-shim-nutshell-v2
 step "cargo test"
 cargo test --workspace
 
+step "fuzz the VMM's guest-facing parsers for a bounded time (cargo-fuzz, nightly)"
+# Built outside the clone, so a clean clone reuses the instrumented build.
+CARGO_TARGET_DIR=${NUTSHELL_CACHE:-/var/cache/nutshell}/fuzz-target vmm/fuzz/run.sh "${FUZZ_SECS:-15}"
+
 step "full Linux boot on KVM with nutshell-vmm (skips where KVM cannot run Linux)"
 tools/kvm-linux-boot-test.sh
