@@ -88,6 +88,12 @@ impl TapGuard {
         let subnet = (pid % 200) as u8 + 1;
         ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
         let g = TapGuard { name, subnet };
+        // No IPv6 on it: its neighbour discovery would only be noise in the
+        // guest's few RX buffers. (Absent without IPv6: nothing to silence.)
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", g.name),
+            "1",
+        );
         ip(&[
             "addr",
             "add",
@@ -501,5 +507,138 @@ fn a_held_tap_is_refused_and_a_missing_one_is_created() {
             .output()
             .unwrap();
         assert!(!gone.status.success(), "the created tap outlived its fd");
+    });
+}
+
+/// `mov dword [reg + disp32], imm32` with reg = rcx (0x81) or rbx (0x83).
+fn store(c: &mut Vec<u8>, modrm: u8, disp: u32, imm: u32) {
+    c.extend_from_slice(&[0xc7, modrm]);
+    c.extend_from_slice(&disp.to_le_bytes());
+    c.extend_from_slice(&imm.to_le_bytes());
+}
+
+/// A CPL3 virtio-net "driver": after spinning a while (so that all of it
+/// happens under the seccomp filter the VMM installs once the vCPUs run),
+/// it lays out the RX queue (one 1530-byte buffer at 0x220000) and the TX
+/// queue (one ARP request behind a zeroed header at 0x230000), brings the
+/// device up at 0xd0000000, notifies RX then TX, spins until the RX used
+/// ring moves and InterruptStatus shows it, prints InterruptStatus, the
+/// used length and the reply's ethertype, opcode and the last byte of its
+/// sender IP, then resets the device and the VM.
+fn net_driver_payload(arp_request: &[u8]) -> Vec<u8> {
+    const RC: u8 = 0x81;
+    const RB: u8 = 0x83;
+    let mut c = vec![0xb9, 0x00, 0x00, 0x00, 0x10]; // mov ecx, 0x10000000
+    c.extend_from_slice(&[0xff, 0xc9, 0x75, 0xfc]); // dec ecx; jnz back
+    c.extend_from_slice(&[0xb9, 0x00, 0x00, 0x20, 0x00]); // mov ecx, 0x200000
+                                                          // RX descriptor 0: 0x220000, 1530 bytes, device-writable; avail idx 1.
+    store(&mut c, RC, 0x0, 0x22_0000);
+    store(&mut c, RC, 0x8, RX_BUF_LEN);
+    store(&mut c, RC, 0xc, 2);
+    store(&mut c, RC, 0x1000, 1 << 16);
+    // TX descriptor 0: header + ARP request at 0x230000; avail idx 1.
+    let mut tx = vec![0u8; HDR];
+    tx.extend_from_slice(arp_request);
+    store(&mut c, RC, 0x1_0000, 0x23_0000);
+    store(&mut c, RC, 0x1_0008, tx.len() as u32);
+    store(&mut c, RC, 0x1_1000, 1 << 16);
+    tx.resize(tx.len().next_multiple_of(4), 0);
+    for (i, w) in tx.chunks(4).enumerate() {
+        let v = u32::from_le_bytes(w.try_into().unwrap());
+        store(&mut c, RC, 0x3_0000 + 4 * i as u32, v);
+    }
+    c.extend_from_slice(&[0xbb, 0x00, 0x00, 0x00, 0xd0]); // mov ebx, 0xd0000000
+    let features = (VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS) as u32;
+    let mut regs = vec![(0x70, 1), (0x70, 3), (0x24, 0), (0x20, features)];
+    regs.extend([(0x24, 1), (0x20, 1), (0x70, 0xb)]);
+    for (q, base) in [(0u32, 0x20_0000u32), (1, 0x21_0000)] {
+        regs.extend([(0x30, q), (0x38, u32::from(QSIZE)), (0x80, base)]);
+        regs.extend([(0x90, base + 0x1000), (0xa0, base + 0x2000), (0x44, 1)]);
+    }
+    regs.extend([(0x70, 0xf), (0x50, 0), (0x50, 1)]);
+    for (off, v) in regs {
+        store(&mut c, RB, off, v);
+    }
+    c.extend_from_slice(&[0xb9, 0x02, 0x20, 0x20, 0x00]); // mov ecx, 0x202002 (RX used.idx)
+    c.extend_from_slice(&[0x0f, 0xb7, 0x01, 0x85, 0xc0, 0x74, 0xf9]); // spin while 0
+    c.extend_from_slice(&[0x8b, 0x83, 0x60, 0, 0, 0, 0xa8, 0x01, 0x74, 0xf6]); // spin on INT_VRING
+    c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
+    c.extend_from_slice(&[0x8b, 0x83, 0x60, 0, 0, 0, 0xee]); // InterruptStatus
+    c.extend_from_slice(&[0xb9, 0x08, 0x20, 0x20, 0x00]); // mov ecx, 0x202008 (used[0].len)
+    c.extend_from_slice(&[0x8a, 0x01, 0xee]);
+    c.extend_from_slice(&[0xb9, 0x00, 0x00, 0x22, 0x00]); // mov ecx, 0x220000
+    for off in [0x18u8, 0x19, 0x21, 0x2b] {
+        c.extend_from_slice(&[0x8a, 0x41, off, 0xee]); // mov al, [rcx + off]; out
+    }
+    c.extend_from_slice(&[0xb0, 0x0a, 0xee]); // '\n'
+    store(&mut c, RB, 0x70, 0); // device reset
+    c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]); // VM reset
+    c
+}
+
+/// The binary with its seccomp filter on: the tap opened at build time,
+/// `writev` on TX, the tap's readiness in the event loop and `read` on RX
+/// all work from a guest, and the VM ends with the guest's reset, not
+/// SIGSYS.
+#[test]
+fn hardened_binary_carries_a_guest_arp_exchange() {
+    if !prerequisites() || !require(common::kvm_usable(), "/dev/kvm is missing or not usable") {
+        return;
+    }
+    in_own_netns(|| {
+        let tap = TapGuard::create("h");
+        let dir = tempfile::tempdir().unwrap();
+        let code = dir.path().join("net-driver.bin");
+        let request = arp(1, MAC, tap.guest_ip(), [0; 6], tap.host_ip());
+        std::fs::write(&code, net_driver_payload(&request)).unwrap();
+        let serial = dir.path().join("serial.log");
+        let out = Command::new(env!("CARGO_BIN_EXE_nutshell-vmm"))
+            .arg("--payload")
+            .arg(&code)
+            .args(["--memory-mib", "32", "--timeout-ms", "20000", "--net"])
+            .arg(format!("{},mac={MAC}", tap.name))
+            .arg("--serial")
+            .arg(&serial)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        let got = std::fs::read(&serial).unwrap();
+        // InterruptStatus, 12 + 42 bytes used, ARP, reply, from 10.203.X.1.
+        assert_eq!(
+            got,
+            [INT_VRING as u8, 54, 0x08, 0x06, 2, 1, b'\n'],
+            "{stderr}"
+        );
+    });
+}
+
+#[test]
+fn the_binary_names_a_tap_it_cannot_open() {
+    if !prerequisites() || !require(common::kvm_usable(), "/dev/kvm is missing or not usable") {
+        return;
+    }
+    in_own_netns(|| {
+        let tap = TapGuard::create("e");
+        let _held = Tap::open(&tap.name).unwrap();
+        // From the JSON config too.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("vm.json");
+        let json = format!(
+            r#"{{"payload": "/dev/null", "net": [{{"tap": "{}", "mac": "02:00:00:00:00:09"}}]}}"#,
+            tap.name
+        );
+        std::fs::write(&cfg, json).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_nutshell-vmm"))
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&tap.name) && stderr.contains("already holds"),
+            "{stderr}"
+        );
     });
 }
