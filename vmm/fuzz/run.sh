@@ -14,7 +14,7 @@ fi
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
   echo "SKIP: cargo-fuzz is not installed (cargo install cargo-fuzz)"; exit 0
 fi
-for t in block_queue virtqueue vsock_packet; do
+for t in block_queue virtqueue vsock_packet net_queue; do
   mkdir -p "corpus/$t"
   echo "==> $t for ${SECS}s"
   cargo +nightly fuzz run "$t" "corpus/$t" -- -max_total_time="$SECS" -rss_limit_mb=1024 2>&1 |

@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::io::Cursor;
+use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 
@@ -16,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{reg, status, MmioTransport};
+use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::packet::parse_from;
 use crate::devices::virtio::vsock::Vsock;
@@ -137,6 +139,39 @@ pub fn vsock_packet(data: &[u8]) -> Option<u16> {
     let dev = Vsock::new(3, &vsock_dir().join("v.sock")).ok()?;
     let (mut t, mem) = setup(Box::new(dev), data)?;
     t.handle_queue_event(1);
+    t.handle_queue_event(0);
+    Some(used_idx(&mem))
+}
+
+/// virtio-net: the same bytes as the TX queue (chains walked, bounded and
+/// written to the "tap") and the RX queue (two frames waiting on the tap,
+/// one bigger than an MTU-sized buffer). The tap is a `SOCK_SEQPACKET`
+/// socket pair, which keeps frame boundaries as a tap does.
+pub fn net_queue(data: &[u8]) -> Option<u16> {
+    let mut fds = [0i32; 2];
+    // SAFETY: socketpair writes two fds into `fds`, a valid 2-element array.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: both fds are new and owned by nobody else.
+    let (ours, peer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut peer = File::from(peer);
+    let dev = Net::new(Tap::from_fd(ours, "fuzz").ok()?, None);
+    let tap_fd = dev.tap_fd();
+    let (mut t, mem) = setup(Box::new(dev), data)?;
+    t.handle_queue_event(1);
+    for len in [60usize, 1600] {
+        let _ = peer.write(&vec![0x5a; len]);
+    }
+    t.handle_host_event(tap_fd, vmm_sys_util::epoll::EventSet::IN);
     t.handle_queue_event(0);
     Some(used_idx(&mem))
 }
