@@ -3,11 +3,13 @@
 # the last line of stdout.
 #
 # The explicit --target keeps RUSTFLAGS (+crt-static) away from proc-macros
-# and build scripts, which must stay dynamic host binaries.
+# and build scripts, which must stay dynamic host binaries. The checkout's
+# path is remapped so that the binary (and so the initramfs, and its cache
+# key) is the same whichever directory the repository was cloned into.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=x86_64-unknown-linux-gnu
-RUSTFLAGS="-C target-feature=+crt-static" \
+RUSTFLAGS="-C target-feature=+crt-static --remap-path-prefix=$PWD=/nutshell" \
     cargo build --release --target "$target" -p nutshell-agent >&2
 bin="$PWD/target/$target/release/nutshell-agent"
 # A dynamic executable lists its libraries as "name => path".
