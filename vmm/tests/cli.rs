@@ -133,3 +133,34 @@ fn json_config_builds_the_same_vm() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("memroy_mib"));
 }
+
+#[test]
+fn bad_net_arguments_are_setup_errors_that_say_what_is_wrong() {
+    // Checked before any VM or tap exists: no KVM, no root needed.
+    for (arg, want) in [
+        ("bad/name", "1 to 15 bytes"),
+        ("a-name-far-too-long", "1 to 15 bytes"),
+        ("tap0,mac=01:00:5e:00:00:01", "unicast"),
+        ("tap0,mac=02:00:00:00:00", "six hex pairs"),
+        ("tap0,speed=10", "<tap>[,mac=<mac>]"),
+    ] {
+        let out = vmm()
+            .args(["--payload", "/dev/null", "--net", arg])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{arg}: {err}");
+        assert!(err.contains(want), "{arg}: {err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vm.json");
+    std::fs::write(
+        &cfg,
+        r#"{"payload": "/dev/null", "net": [{"tap": "tap0", "mac": "zz:00:00:00:00:01"}]}"#,
+    )
+    .unwrap();
+    let out = vmm().arg("--config").arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("zz:00:00:00:00:01"), "{err}");
+}
