@@ -230,6 +230,27 @@ pub trait Hypervisor: Send + Sync {
     async fn launch(&self, config: &VmConfig) -> Result<RunningVm, HypervisorError>;
 }
 
+/// Helpers for the backends' command-line tests.
+#[cfg(test)]
+pub(crate) mod arg_tests {
+    use std::ffi::OsString;
+
+    /// Arguments as strings (test paths are UTF-8).
+    pub(crate) fn strings(args: Vec<OsString>) -> Vec<String> {
+        args.into_iter()
+            .map(|a| a.into_string().expect("UTF-8 argument"))
+            .collect()
+    }
+
+    /// Every value that follows `flag`.
+    pub(crate) fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

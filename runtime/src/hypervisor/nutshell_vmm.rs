@@ -181,18 +181,10 @@ impl Hypervisor for VmmHypervisor {
 mod tests {
     use super::*;
 
-    fn args_of(c: &VmConfig) -> Vec<String> {
-        vmm_args(c, &VmFiles::new(c))
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect()
-    }
+    use crate::hypervisor::arg_tests::{strings, value_after};
 
-    fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
-        args.windows(2)
-            .filter(|w| w[0] == flag)
-            .map(|w| w[1].as_str())
-            .collect()
+    fn args_of(c: &VmConfig) -> Vec<String> {
+        strings(vmm_args(c, &VmFiles::new(c)))
     }
 
     fn config() -> VmConfig {

@@ -297,18 +297,10 @@ mod tests {
         c
     }
 
-    fn args_of(c: &VmConfig, accel: Accel) -> Vec<String> {
-        qemu_args(c, accel, &VmFiles::new(c))
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect()
-    }
+    use crate::hypervisor::arg_tests::{strings, value_after};
 
-    fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
-        args.windows(2)
-            .filter(|w| w[0] == flag)
-            .map(|w| w[1].as_str())
-            .collect()
+    fn args_of(c: &VmConfig, accel: Accel) -> Vec<String> {
+        strings(qemu_args(c, accel, &VmFiles::new(c)))
     }
 
     #[test]
@@ -378,10 +370,7 @@ mod tests {
     fn backend_arguments() {
         let c = config();
         let files = VmFiles::new(&c);
-        let v: Vec<String> = vsock_backend_args(&files)
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect();
+        let v = strings(vsock_backend_args(&files));
         assert_eq!(
             v,
             [

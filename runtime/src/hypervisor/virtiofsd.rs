@@ -63,13 +63,11 @@ pub(crate) fn args(shared_dir: &Path, socket: &Path) -> Vec<OsString> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hypervisor::arg_tests::strings;
 
     #[test]
     fn never_caches_and_announces_submounts() {
-        let f: Vec<String> = args(Path::new("/srv/x"), Path::new("/s/fs.sock"))
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect();
+        let f = strings(args(Path::new("/srv/x"), Path::new("/s/fs.sock")));
         assert_eq!(
             f,
             [
