@@ -300,9 +300,18 @@ async fn run_container(
     signals: &mut Signals,
 ) -> Result<u8> {
     let agent = sandbox.agent();
+    let step = std::time::Instant::now();
+    let took = |call: &str| {
+        tracing::debug!(
+            call,
+            ms = step.elapsed().as_millis() as u64,
+            "agent call done"
+        )
+    };
     if let Err(e) = agent.set_time(SystemTime::now()).await {
         tracing::debug!(error = %e, "SetTime");
     }
+    took("SetTime");
     agent
         .create_sandbox(&CreateSandboxRequest {
             sandbox_id: id.into(),
@@ -313,6 +322,7 @@ async fn run_container(
         })
         .await
         .map_err(|e| refused("set the sandbox up", e))?;
+    took("CreateSandbox");
     agent
         .create_container(&CreateContainerRequest {
             container_id: id.into(),
@@ -323,6 +333,7 @@ async fn run_container(
         })
         .await
         .map_err(|e| refused("create the container", e))?;
+    took("CreateContainer");
     // Reading before the start: nothing written early can be missed.
     let copies = [Stream::Stdout, Stream::Stderr]
         .map(|s| tokio::spawn(output::copy(agent.clone(), id.to_string(), s)));
@@ -330,6 +341,7 @@ async fn run_container(
         .start_container(id)
         .await
         .map_err(|e| refused("start the container", e))?;
+    took("StartContainer");
     timing.mark("container-started");
 
     let wait = agent.wait_process(id, "");
