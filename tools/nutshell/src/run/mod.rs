@@ -199,7 +199,7 @@ fn preflight(args: &RunArgs) -> Result<PathBuf> {
         .with_context(|| format!("cannot resolve the rootfs {}", args.rootfs.display()))?;
     if !nix::unistd::geteuid().is_root() {
         bail!(
-            "nutshell run needs root: it bind-mounts the rootfs into the directory shared with the VM and starts virtiofsd; run it as root (e.g. with sudo)"
+            "root is needed: the run bind-mounts the rootfs into the directory shared with the VM and starts virtiofsd; run it as root (e.g. with sudo)"
         );
     }
     Ok(rootfs)
@@ -228,10 +228,7 @@ async fn boot_and_run(
         deadline: AGENT_DEADLINE,
         ..DialOptions::default()
     };
-    let started = start(hypervisor, vm, &dial, signals).await;
-    if let Some(l) = hypervisor.try_launched() {
-        timing.mark_at("vm-launched", l.at);
-    }
+    let started = start(hypervisor, vm, &dial, timing, signals).await;
     let (sandbox, signalled) = match started {
         Started::Up(sandbox, signalled) => (sandbox, signalled),
         Started::Failed(e) => {
@@ -269,17 +266,33 @@ async fn start(
     hypervisor: &Watched<'_>,
     vm: &VmConfig,
     dial: &DialOptions,
+    timing: &Timing,
     signals: &mut Signals,
 ) -> Started {
     let start = Sandbox::start(hypervisor, vm, dial);
     tokio::pin!(start);
     let mut signalled = None;
+    let mut marked = false;
     loop {
         tokio::select! {
-            r = &mut start => return match r {
-                Ok(s) => Started::Up(s, signalled),
-                Err(e) => Started::Failed(e),
-            },
+            r = &mut start => {
+                if !marked {
+                    if let Some(l) = hypervisor.try_launched().filter(|l| l.end.is_some()) {
+                        timing.mark_at("vm-launched", l.at);
+                    }
+                }
+                return match r {
+                    Ok(s) => Started::Up(s, signalled),
+                    Err(e) => Started::Failed(e),
+                };
+            }
+            l = hypervisor.launched(), if !marked => {
+                marked = true;
+                // Only a launch that worked is a milestone.
+                if l.end.is_some() {
+                    timing.mark_at("vm-launched", l.at);
+                }
+            }
             sig = signals.next(), if signalled.is_none() => signalled = Some(sig),
             l = hypervisor.launched(), if signalled.is_some() => {
                 if let Some(sig) = signalled {
