@@ -66,6 +66,11 @@ pub struct DialOptions {
     pub first_backoff: Duration,
     /// Longest pause between attempts.
     pub max_backoff: Duration,
+    /// Limit for one attempt (connect, CONNECT, its reply). A vsock backend
+    /// can leave a CONNECT made while the guest boots unanswered for good
+    /// (seen about once in 100 boots with vhost-device-vsock): that attempt
+    /// is dropped and the next one made, instead of waiting out `deadline`.
+    pub attempt_timeout: Duration,
     /// Limit for each call that does not block by design (everything but
     /// WaitProcess, ReadStdout/ReadStderr and GetOomEvent).
     pub call_timeout: Duration,
@@ -73,12 +78,13 @@ pub struct DialOptions {
 
 impl Default for DialOptions {
     /// 30 s to reach the agent (a TCG boot takes 1–2 s; a loaded CI host
-    /// much more), backoff 5 ms to 200 ms, 30 s per call.
+    /// much more), backoff 5 ms to 200 ms, 2 s per attempt, 30 s per call.
     fn default() -> Self {
         Self {
             deadline: Duration::from_secs(30),
             first_backoff: Duration::from_millis(5),
             max_backoff: Duration::from_millis(200),
+            attempt_timeout: Duration::from_secs(2),
             call_timeout: Duration::from_secs(30),
         }
     }
@@ -113,8 +119,9 @@ pub(crate) async fn dial(
     let mut last = String::from("no attempt finished");
     loop {
         attempts += 1;
+        let attempt_end = (Instant::now() + opts.attempt_timeout).min(deadline);
         let outcome = tokio::select! {
-            r = timeout_at(deadline, attempt(addr)) => r,
+            r = timeout_at(attempt_end, attempt(addr)) => r,
             exit = wait_end(vm_end) => return Err(AgentError::VmEnded {
                 during: "the agent to answer",
                 exit: Box::new(exit),
@@ -127,7 +134,8 @@ pub(crate) async fn dial(
             }
             Ok(Err(Attempt::Fatal(e))) => return Err(e),
             Ok(Err(Attempt::Retry(why))) => last = why,
-            Err(_) => return Err(timed_out(attempts, last)),
+            Err(_) if Instant::now() >= deadline => return Err(timed_out(attempts, last)),
+            Err(_) => last = format!("no answer to the attempt within {:?}", opts.attempt_timeout),
         }
         let wake = (Instant::now() + backoff).min(deadline);
         tokio::select! {
@@ -398,6 +406,37 @@ mod tests {
             }
             other => panic!("unexpected {other}"),
         }
+    }
+
+    #[tokio::test]
+    async fn an_attempt_left_unanswered_is_dropped_and_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        // The first connection gets no reply at all; the second its OK.
+        let backend = tokio::spawn(async move {
+            let (silent, _) = listener.accept().await.unwrap();
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut line = [0u8; 13];
+            s.read_exact(&mut line).await.unwrap();
+            assert_eq!(&line, b"CONNECT 1024\n");
+            s.write_all(b"OK 7\n").await.unwrap();
+            (silent, s)
+        });
+        let opts = DialOptions {
+            attempt_timeout: Duration::from_millis(200),
+            ..quick()
+        };
+        let t = Instant::now();
+        dial(&AgentAddress::hybrid_vsock(&sock), &opts, None)
+            .await
+            .unwrap();
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(200) && took < opts.deadline,
+            "{took:?}"
+        );
+        backend.await.unwrap();
     }
 
     #[tokio::test]
