@@ -183,9 +183,34 @@ pub fn switch_user(process: &Process) -> InitResult<()> {
 }
 
 /// execve; only returns the error.
+///
+/// Signal dispositions go back to their defaults first, as runc does: an
+/// ignored signal stays ignored across execve, and this process is a Rust
+/// program, whose runtime ignores SIGPIPE (a container's `yes | head` would
+/// then never end). The blocked mask is emptied for the same reason.
 pub fn exec(p: PreparedExec) -> InitError {
+    if let Err(e) = reset_signals() {
+        return e;
+    }
     let Err(e) = nix::unistd::execve(&p.path, &p.argv, &p.env);
     InitError(format!("exec {:?}: {}", p.display, e.desc().to_lowercase()))
+}
+
+/// Every catchable signal to SIG_DFL and none blocked.
+fn reset_signals() -> InitResult<()> {
+    use nix::sys::signal::{signal, sigprocmask, SigHandler, SigSet, SigmaskHow, Signal};
+    for sig in Signal::iterator() {
+        if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP) {
+            continue;
+        }
+        // SAFETY: SIG_DFL installs no handler, so no code of ours can run
+        // in signal context; the previous disposition is not needed.
+        unsafe { signal(sig, SigHandler::SigDfl) }
+            .ctx(|| format!("resetting the disposition of {sig}"))?;
+    }
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+        .ctx(|| "unblocking every signal".into())?;
+    Ok(())
 }
 
 #[cfg(test)]
