@@ -259,6 +259,33 @@ fn readonly_rootfs_and_env() {
     assert_nothing_left(&f.state_dir);
 }
 
+/// The container starts with every signal at its default and none blocked
+/// (the agent is a Rust program, whose runtime ignores SIGPIPE): a pipeline
+/// whose reader stops early ends.
+#[test]
+fn containers_start_with_default_signal_dispositions() {
+    if !vm_prerequisites() {
+        return;
+    }
+    let _turn = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let (_tmp, rootfs) = rootfs();
+    let f = run_to_end(run_command(
+        &rootfs,
+        &[],
+        &[
+            "sh",
+            "-c",
+            "grep -E '^Sig(Ign|Blk)' /proc/self/status; yes | head -c 100000 | wc -c",
+        ],
+    ));
+    assert_eq!(f.status, 0, "{}", f.stderr);
+    assert_eq!(
+        f.stdout,
+        "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n100000\n"
+    );
+    assert_nothing_left(&f.state_dir);
+}
+
 /// Ctrl-C while the container runs: the first SIGINT is passed on (the
 /// container ignores it), the second kills the container; the run ends
 /// with 137 and leaves nothing.
