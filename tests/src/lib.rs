@@ -99,6 +99,45 @@ pub fn vmm_binary() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Every process whose command line mentions `needle`, as (pid, command
+/// line with NULs as spaces).
+pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let Ok(proc) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    proc.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let cmd = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            cmd.contains(needle).then_some((pid, cmd))
+        })
+        .collect()
+}
+
+/// Asserts the host holds nothing of a VM whose files lived below `dir`:
+/// no process names a path below it (the VMM and its backends all do), no
+/// mount lies below it, and its state directory `state` is gone.
+pub fn assert_no_vm_left(dir: &Path, state: &Path) {
+    let needle = format!("{}/", dir.display());
+    assert_eq!(
+        processes_mentioning(&needle),
+        Vec::<(u32, String)>::new(),
+        "processes left behind"
+    );
+    assert_eq!(
+        nutshell_runtime::shim::mounts::mounts_below(dir),
+        Vec::<PathBuf>::new(),
+        "mounts left behind"
+    );
+    assert!(
+        !state.exists(),
+        "{} left behind: {:?}",
+        state.display(),
+        fs::read_dir(state).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+    );
+}
+
 /// Directory of the installed guest assets (`vmlinux`,
 /// `initramfs.cpio.gz`): `$NUTSHELL_GUEST_DIR`, else `/usr/share/nutshell`.
 pub fn guest_dir() -> PathBuf {

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use nutshell_runtime::agent::{AgentAddress, AgentClient, AgentError, DialOptions
 use nutshell_runtime::hypervisor::qemu::QemuHypervisor;
 use nutshell_runtime::hypervisor::{Accel, Hypervisor, ProcessRole, ProcessStatus, VmConfig};
 use nutshell_runtime::sandbox::{shared_dir_storage, Sandbox, GUEST_SHARED_DIR};
-use nutshell_tests::{busybox_rootfs, guest_dir, is_root, require, BUSYBOX};
+use nutshell_tests::{assert_no_vm_left, busybox_rootfs, guest_dir, is_root, require, BUSYBOX};
 use serde_json::{json, Value};
 
 /// VM tests run one at a time: each TCG guest wants a whole CPU here.
@@ -238,41 +238,6 @@ async fn exec(agent: &AgentClient, cid: &str, exec_id: &str, args: &[&str]) -> S
 }
 
 /// Every process whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(needle) {
-                found.push((pid, cmd));
-            }
-        }
-    }
-    found
-}
-
-/// Asserts the host holds nothing of a VM that used `dir`: no process
-/// mentions it, no mount lies under it, its state directory is gone.
-fn assert_nothing_left(dir: &Path, state: &Path) {
-    let needle = dir.to_str().unwrap();
-    assert_eq!(
-        processes_mentioning(needle),
-        vec![],
-        "processes left behind"
-    );
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mounts.contains(needle), "mounts left behind:\n{mounts}");
-    assert!(
-        !state.exists(),
-        "{} left behind: {:?}",
-        state.display(),
-        std::fs::read_dir(state).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<PathBuf>>())
-    );
-}
-
 fn host_kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap()
@@ -493,7 +458,7 @@ fn guest_runs_containers() {
                 "pid {pid} left"
             );
         }
-        assert_nothing_left(tmp.path(), &state);
+        assert_no_vm_left(tmp.path(), &state);
     });
 }
 
@@ -555,7 +520,7 @@ fn killed_qemu_is_reported() {
             .unwrap()
             .unwrap_err();
         assert!(matches!(e, AgentError::VmEnded { .. }), "{e}");
-        assert_nothing_left(tmp.path(), &state);
+        assert_no_vm_left(tmp.path(), &state);
     });
 }
 
@@ -582,7 +547,7 @@ fn a_guest_that_dies_early_is_reported_with_its_console() {
             "{text}"
         );
         assert!(text.contains("Kernel panic"), "no console quoted: {text}");
-        assert_nothing_left(tmp.path(), &state);
+        assert_no_vm_left(tmp.path(), &state);
     });
 }
 
@@ -615,7 +580,7 @@ fn an_agent_that_never_answers_fails_at_the_deadline() {
             text.contains("the VM was killed") && text.contains("last console lines"),
             "{text}"
         );
-        assert_nothing_left(tmp.path(), &state);
+        assert_no_vm_left(tmp.path(), &state);
     });
 }
 

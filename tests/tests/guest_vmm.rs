@@ -19,7 +19,7 @@ use nutshell_runtime::hypervisor::nutshell_vmm::{VmmBinaries, VmmHypervisor};
 use nutshell_runtime::hypervisor::select::{kvm_verdict, KvmVerdict};
 use nutshell_runtime::hypervisor::{ProcessRole, VmConfig};
 use nutshell_runtime::sandbox::{shared_dir_storage, Sandbox};
-use nutshell_tests::{guest_dir, is_root, require, vmm_binary, which};
+use nutshell_tests::{assert_no_vm_left, guest_dir, is_root, require, vmm_binary, which};
 
 fn prerequisites() -> Option<VmmHypervisor> {
     if !require(is_root(), "needs root (virtiofsd, /dev/kvm)") {
@@ -58,33 +58,6 @@ fn prerequisites() -> Option<VmmHypervisor> {
         vmm: vmm?,
         virtiofsd: virtiofsd?,
     }))
-}
-
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|s| s.parse::<u32>().is_ok())
-        })
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(needle))
-        .collect()
-}
-
-fn assert_nothing_left(dir: &Path, state: &Path) {
-    let needle = dir.to_str().unwrap();
-    assert_eq!(
-        processes_mentioning(needle),
-        Vec::<String>::new(),
-        "processes left behind"
-    );
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mounts.contains(needle), "mounts left behind:\n{mounts}");
-    assert!(!state.exists(), "{} left behind", state.display());
 }
 
 #[test]
@@ -165,6 +138,6 @@ fn the_vmm_backend_boots_the_guest_or_says_why_not() {
                 assert!(t.elapsed() < dial.deadline, "waited for the dial deadline");
             }
         }
-        assert_nothing_left(tmp.path(), &state);
+        assert_no_vm_left(tmp.path(), &state);
     });
 }

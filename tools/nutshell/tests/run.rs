@@ -13,8 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nutshell_runtime::hypervisor::qemu::QemuHypervisor;
-use nutshell_runtime::shim::mounts::mounts_below;
-use nutshell_tests::{busybox_rootfs, guest_dir, is_root, require, BUSYBOX};
+use nutshell_tests::{assert_no_vm_left, busybox_rootfs, guest_dir, is_root, require, BUSYBOX};
 
 /// VM tests run one at a time: each TCG guest wants a whole CPU here.
 static VM_LOCK: Mutex<()> = Mutex::new(());
@@ -152,46 +151,6 @@ fn state_dir_of(child: &Child) -> PathBuf {
     PathBuf::from(format!("/run/nutshell/run-{}", child.id()))
 }
 
-/// Every process whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(needle) {
-                found.push((pid, cmd));
-            }
-        }
-    }
-    found
-}
-
-/// Nothing of the run is left on the host: no process of its VM (QEMU,
-/// virtiofsd and vhost-device-vsock all name the state directory in their
-/// arguments), no mount below its state directory, no state directory.
-fn assert_nothing_left(state_dir: &Path) {
-    let needle = format!("{}/", state_dir.display());
-    assert_eq!(
-        processes_mentioning(&needle),
-        vec![],
-        "processes of the run left behind"
-    );
-    assert_eq!(
-        mounts_below(state_dir),
-        Vec::<PathBuf>::new(),
-        "mounts left behind"
-    );
-    assert!(
-        !state_dir.exists(),
-        "{} left behind: {:?}",
-        state_dir.display(),
-        std::fs::read_dir(state_dir).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
-    );
-}
-
 /// The acceptance case: the container's stdout and stderr arrive on ours,
 /// its exit status becomes ours, `--timing` reports its five milestones in
 /// order, and nothing of the run is left afterwards.
@@ -235,7 +194,7 @@ fn output_and_exit_status_pass_through_and_nothing_is_left() {
         milestones.windows(2).all(|w| w[0].1 <= w[1].1),
         "{milestones:?}"
     );
-    assert_nothing_left(&f.state_dir);
+    assert_no_vm_left(&f.state_dir, &f.state_dir);
 }
 
 /// `--readonly` keeps the container (and the guest) from writing the
@@ -256,7 +215,7 @@ fn readonly_rootfs_and_env() {
     assert_eq!(f.status, 1, "touch on a read-only rootfs succeeded");
     assert!(f.stderr.contains("Read-only file system"), "{}", f.stderr);
     assert!(!rootfs.join("probe").exists());
-    assert_nothing_left(&f.state_dir);
+    assert_no_vm_left(&f.state_dir, &f.state_dir);
 }
 
 /// The container starts with every signal at its default and none blocked
@@ -283,7 +242,7 @@ fn containers_start_with_default_signal_dispositions() {
         f.stdout,
         "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n100000\n"
     );
-    assert_nothing_left(&f.state_dir);
+    assert_no_vm_left(&f.state_dir, &f.state_dir);
 }
 
 /// Ctrl-C while the container runs: the first SIGINT is passed on (the
@@ -311,7 +270,7 @@ fn interrupted_run_leaves_nothing() {
     let f = finish(child, out, err);
     assert_eq!(f.status, 137, "the container was not killed");
     assert!(f.stderr.contains("SIGINT passed to the container"));
-    assert_nothing_left(&f.state_dir);
+    assert_no_vm_left(&f.state_dir, &f.state_dir);
 }
 
 /// A guest that dies at boot (a broken initramfs: the kernel finds no
@@ -334,7 +293,7 @@ fn a_dead_guest_is_reported_with_its_console() {
         "no console quoted: {}",
         f.stderr
     );
-    assert_nothing_left(&f.state_dir);
+    assert_no_vm_left(&f.state_dir, &f.state_dir);
 }
 
 /// A missing kernel is a clear error (naming the path and how to get one)
