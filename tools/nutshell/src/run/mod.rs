@@ -61,7 +61,7 @@ const HOSTNAME: &str = "nutshell";
 pub struct RunArgs {
     /// The VM monitor: `qemu`, `vmm` (nutshell's own), or `auto` (the own
     /// VMM where KVM can run Linux, else QEMU on TCG).
-    #[arg(long, default_value = "auto", value_parser = parse_backend)]
+    #[arg(long, default_value = "auto")]
     pub backend: Backend,
     /// Guest kernel (uncompressed vmlinux).
     #[arg(long, default_value_t = format!("{GUEST_ASSETS_DIR}/vmlinux"))]
@@ -95,15 +95,6 @@ pub struct RunArgs {
     /// The command to run in the container, and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
-}
-
-fn parse_backend(s: &str) -> Result<Backend, String> {
-    match s {
-        "auto" => Ok(Backend::Auto),
-        "qemu" => Ok(Backend::Qemu),
-        "vmm" => Ok(Backend::Vmm),
-        _ => Err(format!("{s:?} is not one of auto, qemu, vmm")),
-    }
 }
 
 /// Runs the command; never returns early without cleaning up.
