@@ -148,21 +148,7 @@ pub fn vsock_packet(data: &[u8]) -> Option<u16> {
 /// one bigger than an MTU-sized buffer). The tap is a `SOCK_SEQPACKET`
 /// socket pair, which keeps frame boundaries as a tap does.
 pub fn net_queue(data: &[u8]) -> Option<u16> {
-    let mut fds = [0i32; 2];
-    // SAFETY: socketpair writes two fds into `fds`, a valid 2-element array.
-    let rc = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: both fds are new and owned by nobody else.
-    let (ours, peer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (ours, peer) = seqpacket_pair().ok()?;
     let mut peer = File::from(peer);
     let dev = Net::new(Tap::from_fd(ours, "fuzz").ok()?, None);
     let tap_fd = dev.tap_fd();
@@ -174,6 +160,27 @@ pub fn net_queue(data: &[u8]) -> Option<u16> {
     t.handle_host_event(tap_fd, vmm_sys_util::epoll::EventSet::IN);
     t.handle_queue_event(0);
     Some(used_idx(&mem))
+}
+
+/// A non-blocking `SOCK_SEQPACKET` socket pair: one end stands in for a
+/// tap (one frame per read and write), the other is the host's. Also used by
+/// virtio-net's unit tests.
+pub(crate) fn seqpacket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: socketpair writes two fds into `fds`, a valid 2-element array.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds are new and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// Removes this thread's vsock directory (call when done).

@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::require;
+use common::payload::Asm;
+use common::{kvm_usable, require};
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -23,27 +24,14 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 /// CPL3 code: print the MMIO magic, device id and status of the first
 /// virtio-mmio window, then spin.
 fn payload() -> Vec<u8> {
-    let mut c = vec![0xbb];
-    c.extend_from_slice(&0xd000_0000u32.to_le_bytes());
-    c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0x8b, 0x03]);
-    for _ in 0..4 {
-        c.extend_from_slice(&[0xee, 0xc1, 0xe8, 0x08]);
-    }
-    c.extend_from_slice(&[0x8b, 0x43, 0x08, 0x04, 0x30, 0xee]);
-    c.extend_from_slice(&[0xc7, 0x43, 0x70, 0x03, 0, 0, 0]);
-    c.extend_from_slice(&[0x8b, 0x43, 0x70, 0x04, 0x30, 0xee]);
-    c.extend_from_slice(&[0xb0, 0x0a, 0xee, 0xeb, 0xfe]);
-    c
+    let mut c = Asm::new();
+    c.print_virtio_identity().spin_forever();
+    c.code()
 }
 
 #[test]
 fn hardened_vmm_serves_devices_vsock_and_api() {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !require(kvm, "/dev/kvm is missing or not usable") {
+    if !require(kvm_usable(), "/dev/kvm is missing or not usable") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

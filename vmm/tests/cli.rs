@@ -1,14 +1,9 @@
 //! The `nutshell-vmm` binary's exit statuses, as the runtime sees them.
 
 use std::path::Path;
-use std::process::Command;
 
 mod common;
-use common::{kvm_usable, require};
-
-fn vmm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_nutshell-vmm"))
-}
+use common::{kvm_usable, require, vmm};
 
 #[test]
 fn a_missing_kernel_is_a_setup_error_that_names_it() {

@@ -13,9 +13,10 @@ use nutshell_vmm::devices::bus::BusDevice;
 use nutshell_vmm::{BootSource, ExitReason, SerialOutput, VmConfig, Vmm};
 
 mod common;
+use common::payload::{Asm, MMIO_BASE};
 use common::{kvm_usable, require};
 
-const MMIO_ADDR: u64 = 0xd000_0000;
+const MMIO_ADDR: u64 = MMIO_BASE as u64;
 
 #[derive(Default)]
 struct MmioRecorder(Vec<(u64, Vec<u8>)>);
@@ -30,17 +31,16 @@ impl BusDevice for MmioRecorder {
 
 /// `out 0x3f8` each byte of `msg`, store 0x0f to MMIO_ADDR+0x70, reset.
 fn payload(msg: &[u8]) -> Vec<u8> {
-    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
-    for b in msg {
-        c.extend_from_slice(&[0xb0, *b, 0xee]); // mov al, b; out dx, al
+    let mut c = Asm::new();
+    c.serial();
+    for &b in msg {
+        c.print_byte(b);
     }
     let addr = (MMIO_ADDR + 0x70) as u32;
-    c.push(0xb8); // mov eax, imm32
-    c.extend_from_slice(&addr.to_le_bytes());
-    c.extend_from_slice(&[0xc7, 0x00, 0x0f, 0x00, 0x00, 0x00]); // mov dword [rax], 0xf
-    c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64]); // mov al, 0xfe; out 0x64, al
-    c.extend_from_slice(&[0xeb, 0xfe]); // jmp $
-    c
+    c.raw(&[0xb8]).raw(&addr.to_le_bytes()); // mov eax, imm32
+    c.raw(&[0xc7, 0x00, 0x0f, 0x00, 0x00, 0x00]); // mov dword [rax], 0xf
+    c.reset_vm();
+    c.code()
 }
 
 fn config(code: Vec<u8>, serial: &Path) -> VmConfig {
@@ -149,18 +149,9 @@ fn cpl3_payload_talks_to_a_virtio_mmio_device() {
     if !require(kvm_usable(), "/dev/kvm is missing or not usable") {
         return;
     }
-    let mut c = vec![0xbb]; // mov ebx, imm32
-    c.extend_from_slice(&(MMIO_ADDR as u32).to_le_bytes());
-    c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
-    c.extend_from_slice(&[0x8b, 0x03]); // mov eax, [rbx]      (MagicValue)
-    for _ in 0..4 {
-        c.extend_from_slice(&[0xee, 0xc1, 0xe8, 0x08]); // out dx, al; shr eax, 8
-    }
-    c.extend_from_slice(&[0x8b, 0x43, 0x08, 0x04, 0x30, 0xee]); // DeviceID + '0', out
-    c.extend_from_slice(&[0xc7, 0x43, 0x70, 0x03, 0, 0, 0]); // Status = ACK|DRIVER
-    c.extend_from_slice(&[0x8b, 0x43, 0x70, 0x04, 0x30, 0xee]); // Status + '0', out
-    c.extend_from_slice(&[0xb0, 0x0a, 0xee]); // '\n'
-    c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]); // reset
+    let mut c = Asm::new();
+    c.print_virtio_identity().reset_vm();
+    let c = c.code();
     let dir = tempfile::tempdir().unwrap();
     let serial = dir.path().join("serial.log");
     let mut cfg = config(c, &serial);
@@ -207,13 +198,6 @@ fn api_socket_reports_state_pauses_and_shuts_down() {
     assert!(!api.exists(), "socket removed");
 }
 
-/// `mov dword [reg + disp32], imm32` with reg = rcx (0x81) or rbx (0x83).
-fn store(c: &mut Vec<u8>, modrm: u8, disp: u32, imm: u32) {
-    c.extend_from_slice(&[0xc7, modrm]);
-    c.extend_from_slice(&disp.to_le_bytes());
-    c.extend_from_slice(&imm.to_le_bytes());
-}
-
 /// A CPL3 "driver" brings up virtio-rng through the real MMIO transport:
 /// writes a descriptor and the avail ring, negotiates VERSION_1, sets up
 /// queue 0, sets DRIVER_OK, notifies (an ioeventfd into the event loop),
@@ -224,15 +208,13 @@ fn cpl3_driver_gets_entropy_from_virtio_rng() {
     if !require(kvm_usable(), "/dev/kvm is missing or not usable") {
         return;
     }
-    const RC: u8 = 0x81;
-    const RB: u8 = 0x83;
-    let mut c = vec![0xb9, 0x00, 0x00, 0x20, 0x00]; // mov ecx, 0x200000
-    store(&mut c, RC, 0x0, 0x20_3000); // desc[0].addr
-    store(&mut c, RC, 0x8, 64); // desc[0].len
-    store(&mut c, RC, 0xc, 2); // desc[0].flags = WRITE, next = 0
-    store(&mut c, RC, 0x1000, 1 << 16); // avail.flags = 0, avail.idx = 1
-    c.extend_from_slice(&[0xbb, 0x00, 0x00, 0x00, 0xd0]); // mov ebx, 0xd0000000
-    for (off, v) in [
+    let mut c = Asm::new();
+    c.mov_ecx(0x20_0000)
+        .store_at_rcx(0x0, 0x20_3000) // desc[0].addr
+        .store_at_rcx(0x8, 64) // desc[0].len
+        .store_at_rcx(0xc, 2) // desc[0].flags = WRITE, next = 0
+        .store_at_rcx(0x1000, 1 << 16); // avail.flags = 0, avail.idx = 1
+    c.mmio_writes(&[
         (0x70, 1),
         (0x70, 3),
         (0x24, 1),
@@ -251,19 +233,17 @@ fn cpl3_driver_gets_entropy_from_virtio_rng() {
         (0x44, 1),
         (0x70, 0xf),
         (0x50, 0), // QueueNotify
-    ] {
-        store(&mut c, RB, off, v);
-    }
-    c.extend_from_slice(&[0xb9, 0x02, 0x20, 0x20, 0x00]); // mov ecx, 0x202002 (used.idx)
-    c.extend_from_slice(&[0x0f, 0xb7, 0x01, 0x85, 0xc0, 0x74, 0xf9]); // spin while 0
-    c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
-    c.extend_from_slice(&[0x8b, 0x41, 0x06, 0xee]); // used[0].len; out
-    c.extend_from_slice(&[0xb9, 0x00, 0x30, 0x20, 0x00]); // mov ecx, 0x203000
-    c.extend_from_slice(&[0x48, 0x8b, 0x01]); // mov rax, [rcx]
+    ]);
+    c.spin_while_zero_u16(0x20_2002) // used.idx
+        .serial()
+        .print_u32_at_rcx(6); // used[0].len
+    c.mov_ecx(0x20_3000);
+    c.raw(&[0x48, 0x8b, 0x01]); // mov rax, [rcx]
     for _ in 0..8 {
-        c.extend_from_slice(&[0xee, 0x48, 0xc1, 0xe8, 0x08]); // out; shr rax, 8
+        c.raw(&[0xee, 0x48, 0xc1, 0xe8, 0x08]); // out; shr rax, 8
     }
-    c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]); // reset
+    c.reset_vm();
+    let c = c.code();
 
     let dir = tempfile::tempdir().unwrap();
     let serial = dir.path().join("serial.log");

@@ -13,7 +13,7 @@ use nutshell_vmm::probe::{probe_kvm, ProbeVerdict};
 use nutshell_vmm::{BootSource, ExitReason, SerialOutput, VmConfig, Vmm};
 
 mod common;
-use common::require;
+use common::{kvm_usable, require};
 
 fn guest_kernel() -> PathBuf {
     std::env::var_os("NUTSHELL_GUEST_DIR")
@@ -46,12 +46,7 @@ fn real_kernel_early_boot_via_64bit_boot_protocol() {
 }
 
 fn early_boot(force_64bit_protocol: bool) {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !require(kvm, "/dev/kvm is missing or not usable") {
+    if !require(kvm_usable(), "/dev/kvm is missing or not usable") {
         return;
     }
     let vmlinux = guest_kernel();

@@ -13,18 +13,20 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nutshell_vmm::devices::bus::BusDevice;
-use nutshell_vmm::devices::virtio::mmio::{reg, status, MmioTransport};
+use nutshell_vmm::devices::virtio::mmio::reg;
 use nutshell_vmm::devices::virtio::net::{
     MacAddr, Net, StatsHandle, Tap, TapError, QUEUE_SIZE, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS,
 };
 use nutshell_vmm::devices::virtio::{INT_VRING, TYPE_NET, VIRTIO_F_VERSION_1};
 use nutshell_vmm::vstate::memory::create_guest_memory;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 mod common;
-use common::require;
+use common::driver::Driver;
+use common::payload::{bring_up_regs, Asm};
+use common::ring::Ring;
+use common::{is_root, kvm_usable, require, run_config, run_payload};
 
 const QSIZE: u16 = 32;
 const HDR: usize = 12;
@@ -39,9 +41,7 @@ fn which(cmd: &str) -> bool {
 }
 
 fn prerequisites() -> bool {
-    // SAFETY: geteuid has no preconditions and touches no memory.
-    let root = unsafe { libc::geteuid() } == 0;
-    require(root, "a tap and a network namespace need root")
+    require(is_root(), "a tap and a network namespace need root")
         && require(
             std::path::Path::new("/dev/net/tun").exists(),
             "/dev/net/tun is missing",
@@ -63,6 +63,20 @@ fn in_own_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T 
         Ok(v) => v,
         Err(p) => std::panic::resume_unwind(p),
     }
+}
+
+/// Runs `f` with a fresh tap named after `tag`, in a network namespace of
+/// its own, once the prerequisites (and KVM, where `needs_kvm`) are there.
+fn with_tap(tag: &'static str, needs_kvm: bool, f: impl FnOnce(&TapGuard) + Send + 'static) {
+    if !prerequisites()
+        || (needs_kvm && !require(kvm_usable(), "/dev/kvm is missing or not usable"))
+    {
+        return;
+    }
+    in_own_netns(move || {
+        let tap = TapGuard::create(tag);
+        f(&tap);
+    });
 }
 
 fn ip(args: &[&str]) {
@@ -122,67 +136,9 @@ impl Drop for TapGuard {
     }
 }
 
-/// A split queue laid out by hand; one descriptor per chain.
-struct Ring {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    next_desc: u16,
-    avail_idx: u16,
-    seen_used: u16,
-}
-
-impl Ring {
-    fn at(base: u64) -> Self {
-        Ring {
-            desc: base,
-            avail: base + 0x1000,
-            used: base + 0x2000,
-            next_desc: 0,
-            avail_idx: 0,
-            seen_used: 0,
-        }
-    }
-
-    fn push(&mut self, mem: &GuestMemoryMmap, addr: u64, len: u32, writable: bool) -> u16 {
-        let idx = self.next_desc;
-        let at = self.desc + 16 * u64::from(idx);
-        mem.write_obj(addr, GuestAddress(at)).unwrap();
-        mem.write_obj(len, GuestAddress(at + 8)).unwrap();
-        mem.write_obj(if writable { 2u16 } else { 0 }, GuestAddress(at + 12))
-            .unwrap();
-        self.next_desc = (idx + 1) % QSIZE;
-        let slot = u64::from(self.avail_idx % QSIZE);
-        mem.write_obj(idx, GuestAddress(self.avail + 4 + 2 * slot))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
-            .unwrap();
-        idx
-    }
-
-    fn pop_used(&mut self, mem: &GuestMemoryMmap) -> Option<(u32, u32)> {
-        let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
-        if idx == self.seen_used {
-            return None;
-        }
-        let slot = u64::from(self.seen_used % QSIZE);
-        let id = mem
-            .read_obj(GuestAddress(self.used + 4 + 8 * slot))
-            .unwrap();
-        let len = mem
-            .read_obj(GuestAddress(self.used + 8 + 8 * slot))
-            .unwrap();
-        self.seen_used = self.seen_used.wrapping_add(1);
-        Some((id, len))
-    }
-}
-
 /// The guest: transport, memory, RX (0) and TX (1) rings.
 struct Guest {
-    t: MmioTransport,
-    mem: GuestMemoryMmap,
+    d: Driver,
     tap_fd: RawFd,
     stats: StatsHandle,
     rx: Ring,
@@ -196,73 +152,40 @@ impl Guest {
         let net = Net::open(&tap.name, Some(MAC)).unwrap();
         let tap_fd = net.tap_fd();
         let stats = net.stats_handle();
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let t = MmioTransport::new(Box::new(net), mem.clone(), irq).unwrap();
         let mut g = Guest {
-            t,
-            mem,
+            d: Driver::new(Box::new(net), mem),
             tap_fd,
             stats,
-            rx: Ring::at(0x1_0000),
-            tx: Ring::at(0x2_0000),
+            rx: Ring::at(0x1_0000, QSIZE),
+            tx: Ring::at(0x2_0000, QSIZE),
             ip: tap.guest_ip(),
         };
         g.bring_up();
         for _ in 0..QSIZE {
             g.post_rx();
         }
-        g.notify(0);
+        g.d.notify(0);
         g
-    }
-
-    fn read(&mut self, off: u64) -> u32 {
-        let mut b = [0u8; 4];
-        self.t.read(off, &mut b);
-        u32::from_le_bytes(b)
-    }
-
-    fn write(&mut self, off: u64, v: u32) {
-        self.t.write(off, &v.to_le_bytes());
     }
 
     /// What Linux's virtio-mmio and virtio-net drivers do.
     fn bring_up(&mut self) {
-        assert_eq!(self.read(reg::DEVICE_ID), TYPE_NET);
-        self.write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        self.write(reg::DEVICE_FEATURES_SEL, 0);
-        let lo = u64::from(self.read(reg::DEVICE_FEATURES));
-        self.write(reg::DEVICE_FEATURES_SEL, 1);
-        let f = lo | u64::from(self.read(reg::DEVICE_FEATURES)) << 32;
+        assert_eq!(self.d.read(reg::DEVICE_ID), TYPE_NET);
+        let f = self.d.negotiate_all();
         assert_eq!(
             f,
             VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
         );
-        self.write(reg::DRIVER_FEATURES_SEL, 0);
-        self.write(reg::DRIVER_FEATURES, f as u32);
-        self.write(reg::DRIVER_FEATURES_SEL, 1);
-        self.write(reg::DRIVER_FEATURES, (f >> 32) as u32);
-        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
-        self.write(reg::STATUS, s);
-        assert_ne!(self.read(reg::STATUS) & status::FEATURES_OK, 0);
+        assert!(self.d.features_ok());
         let mut mac = [0u8; 6];
-        self.t.read(reg::CONFIG, &mut mac);
+        self.d.t.read(reg::CONFIG, &mut mac);
         assert_eq!(mac, MAC.0, "config space MAC");
-        for (i, base) in [0x1_0000u64, 0x2_0000].into_iter().enumerate() {
-            self.write(reg::QUEUE_SEL, i as u32);
-            assert_eq!(self.read(reg::QUEUE_NUM_MAX), u32::from(QUEUE_SIZE));
-            self.write(reg::QUEUE_NUM, u32::from(QSIZE));
-            for (lo, hi, v) in [
-                (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, base),
-                (reg::QUEUE_DRIVER_LOW, reg::QUEUE_DRIVER_HIGH, base + 0x1000),
-                (reg::QUEUE_DEVICE_LOW, reg::QUEUE_DEVICE_HIGH, base + 0x2000),
-            ] {
-                self.write(lo, v as u32);
-                self.write(hi, (v >> 32) as u32);
-            }
-            self.write(reg::QUEUE_READY, 1);
+        for (i, ring) in [&self.rx, &self.tx].into_iter().enumerate() {
+            let max = self.d.setup_queue(i as u32, ring);
+            assert_eq!(max, u32::from(QUEUE_SIZE));
         }
-        self.write(reg::STATUS, s | status::DRIVER_OK);
-        assert!(self.t.is_activated(), "the device did not activate");
+        self.d.driver_ok();
+        assert!(self.d.t.is_activated(), "the device did not activate");
     }
 
     /// The buffer of RX descriptor `idx`.
@@ -273,27 +196,23 @@ impl Guest {
     fn post_rx(&mut self) {
         let idx = self.rx.next_desc;
         let addr = Self::rx_addr(u32::from(idx));
-        self.rx.push(&self.mem, addr, RX_BUF_LEN, true);
-    }
-
-    /// QueueNotify, then what the event loop does with the ioeventfd.
-    fn notify(&mut self, q: u32) {
-        self.write(reg::QUEUE_NOTIFY, q);
-        self.t.handle_queue_event(q as usize);
+        self.rx.push(&self.d.mem, &[(addr, RX_BUF_LEN, true)]);
     }
 
     /// Sends one frame behind a zeroed header.
     fn send(&mut self, frame: &[u8]) {
-        self.mem
+        self.d
+            .mem
             .write_slice(&[0u8; HDR], GuestAddress(TX_BUF))
             .unwrap();
-        self.mem
+        self.d
+            .mem
             .write_slice(frame, GuestAddress(TX_BUF + HDR as u64))
             .unwrap();
-        self.tx
-            .push(&self.mem, TX_BUF, (HDR + frame.len()) as u32, false);
-        self.notify(1);
-        let (_, len) = self.tx.pop_used(&self.mem).expect("TX chain returned");
+        let len = (HDR + frame.len()) as u32;
+        self.tx.push(&self.d.mem, &[(TX_BUF, len, false)]);
+        self.d.notify(1);
+        let (_, len) = self.tx.pop_used(&self.d.mem).expect("TX chain returned");
         assert_eq!(len, 0);
     }
 
@@ -302,18 +221,19 @@ impl Guest {
     /// other frames (IPv6 neighbour discovery...) are skipped.
     fn wait_for(&mut self, deadline: Instant, want: impl Fn(&[u8]) -> bool) -> (Vec<u8>, u32) {
         loop {
-            while let Some((id, len)) = self.rx.pop_used(&self.mem) {
+            while let Some((id, len)) = self.rx.pop_used(&self.d.mem) {
                 let addr = Self::rx_addr(id);
                 let mut hdr = [0u8; HDR];
-                self.mem.read_slice(&mut hdr, GuestAddress(addr)).unwrap();
+                self.d.mem.read_slice(&mut hdr, GuestAddress(addr)).unwrap();
                 assert_eq!(&hdr[..10], &[0; 10], "no offload in the header");
                 assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 1, "num_buffers");
                 let mut f = vec![0u8; len as usize - HDR];
-                self.mem
+                self.d
+                    .mem
                     .read_slice(&mut f, GuestAddress(addr + HDR as u64))
                     .unwrap();
                 self.post_rx();
-                self.notify(0);
+                self.d.notify(0);
                 if want(&f) {
                     return (f, len);
                 }
@@ -338,7 +258,7 @@ impl Guest {
             let ms = left.as_millis().min(100) as i32;
             // SAFETY: poll reads and writes one valid pollfd for at most `ms` ms.
             unsafe { libc::poll(&mut pfd, 1, ms) };
-            self.t.handle_host_event(self.tap_fd, EventSet::IN);
+            self.d.t.handle_host_event(self.tap_fd, EventSet::IN);
         }
     }
 }
@@ -414,12 +334,8 @@ fn is_echo_reply(f: &[u8], src: [u8; 4], seq: u16) -> bool {
 
 #[test]
 fn arp_and_ping_through_a_real_tap() {
-    if !prerequisites() {
-        return;
-    }
-    in_own_netns(|| {
-        let tap = TapGuard::create("t");
-        let mut g = Guest::new(&tap);
+    with_tap("t", false, |tap| {
+        let mut g = Guest::new(tap);
         let host = tap.host_ip();
 
         // ARP: who has 10.203.X.1? Tell 10.203.X.2.
@@ -435,7 +351,7 @@ fn arp_and_ping_through_a_real_tap() {
         assert_eq!(&reply[0..6], &MAC.0, "sent to us");
         assert_eq!(used_len as usize, HDR + reply.len());
         let host_mac: [u8; 6] = reply[22..28].try_into().unwrap();
-        assert_ne!(g.read(reg::INTERRUPT_STATUS) & INT_VRING, 0);
+        assert_ne!(g.d.read(reg::INTERRUPT_STATUS) & INT_VRING, 0);
 
         // Ping the host kernel.
         let (reply, _) = {
@@ -475,11 +391,7 @@ fn arp_and_ping_through_a_real_tap() {
 
 #[test]
 fn a_held_tap_is_refused_and_a_missing_one_is_created() {
-    if !prerequisites() {
-        return;
-    }
-    in_own_netns(|| {
-        let tap = TapGuard::create("b");
+    with_tap("b", false, |tap| {
         let held = Tap::open(&tap.name).unwrap();
         let err = Tap::open(&tap.name).unwrap_err();
         assert!(matches!(err, TapError::Attach { .. }), "{err:?}");
@@ -510,13 +422,6 @@ fn a_held_tap_is_refused_and_a_missing_one_is_created() {
     });
 }
 
-/// `mov dword [reg + disp32], imm32` with reg = rcx (0x81) or rbx (0x83).
-fn store(c: &mut Vec<u8>, modrm: u8, disp: u32, imm: u32) {
-    c.extend_from_slice(&[0xc7, modrm]);
-    c.extend_from_slice(&disp.to_le_bytes());
-    c.extend_from_slice(&imm.to_le_bytes());
-}
-
 /// A CPL3 virtio-net "driver": after spinning a while (so that all of it
 /// happens under the seccomp filter the VMM installs once the vCPUs run),
 /// it lays out the RX queue (one 1530-byte buffer at 0x220000) and the TX
@@ -526,54 +431,40 @@ fn store(c: &mut Vec<u8>, modrm: u8, disp: u32, imm: u32) {
 /// used length and the reply's ethertype, opcode and the last byte of its
 /// sender IP, then resets the device and the VM.
 fn net_driver_payload(arp_request: &[u8]) -> Vec<u8> {
-    const RC: u8 = 0x81;
-    const RB: u8 = 0x83;
-    let mut c = vec![0xb9, 0x00, 0x00, 0x00, 0x10]; // mov ecx, 0x10000000
-    c.extend_from_slice(&[0xff, 0xc9, 0x75, 0xfc]); // dec ecx; jnz back
-    c.extend_from_slice(&[0xb9, 0x00, 0x00, 0x20, 0x00]); // mov ecx, 0x200000
-                                                          // RX descriptor 0: 0x220000, 1530 bytes, device-writable; avail idx 1.
-    store(&mut c, RC, 0x0, 0x22_0000);
-    store(&mut c, RC, 0x8, RX_BUF_LEN);
-    store(&mut c, RC, 0xc, 2);
-    store(&mut c, RC, 0x1000, 1 << 16);
+    let mut c = Asm::new();
+    c.delay().mov_ecx(0x20_0000);
+    // RX descriptor 0: 0x220000, 1530 bytes, device-writable; avail idx 1.
+    c.store_at_rcx(0x0, 0x22_0000)
+        .store_at_rcx(0x8, RX_BUF_LEN)
+        .store_at_rcx(0xc, 2)
+        .store_at_rcx(0x1000, 1 << 16);
     // TX descriptor 0: header + ARP request at 0x230000; avail idx 1.
     let mut tx = vec![0u8; HDR];
     tx.extend_from_slice(arp_request);
-    store(&mut c, RC, 0x1_0000, 0x23_0000);
-    store(&mut c, RC, 0x1_0008, tx.len() as u32);
-    store(&mut c, RC, 0x1_1000, 1 << 16);
+    c.store_at_rcx(0x1_0000, 0x23_0000)
+        .store_at_rcx(0x1_0008, tx.len() as u32)
+        .store_at_rcx(0x1_1000, 1 << 16);
     tx.resize(tx.len().next_multiple_of(4), 0);
     for (i, w) in tx.chunks(4).enumerate() {
         let v = u32::from_le_bytes(w.try_into().unwrap());
-        store(&mut c, RC, 0x3_0000 + 4 * i as u32, v);
+        c.store_at_rcx(0x3_0000 + 4 * i as u32, v);
     }
-    c.extend_from_slice(&[0xbb, 0x00, 0x00, 0x00, 0xd0]); // mov ebx, 0xd0000000
-    let features = (VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS) as u32;
-    let mut regs = vec![(0x70, 1), (0x70, 3), (0x24, 0), (0x20, features)];
-    regs.extend([(0x24, 1), (0x20, 1), (0x70, 0xb)]);
-    for (q, base) in [(0u32, 0x20_0000u32), (1, 0x21_0000)] {
-        regs.extend([(0x30, q), (0x38, u32::from(QSIZE)), (0x80, base)]);
-        regs.extend([(0x90, base + 0x1000), (0xa0, base + 0x2000), (0x44, 1)]);
+    // MAC and STATUS, then VIRTIO_F_VERSION_1; notify RX, then TX.
+    let features = [(0, (VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS) as u32), (1, 1)];
+    let regs = bring_up_regs(&features, QSIZE, &[0x20_0000, 0x21_0000], &[0, 1]);
+    c.mmio_writes(&regs);
+    c.spin_while_zero_u16(0x20_2002) // RX used.idx
+        .spin_until_vring_interrupt()
+        .serial()
+        .print_interrupt_status();
+    c.mov_ecx(0x20_2008).print_u8_at_rcx(0); // used[0].len
+    c.mov_ecx(0x22_0000); // the received frame, behind its header
+    for off in [0x18, 0x19, 0x21, 0x2b] {
+        c.print_u8_at_rcx(off);
     }
-    regs.extend([(0x70, 0xf), (0x50, 0), (0x50, 1)]);
-    for (off, v) in regs {
-        store(&mut c, RB, off, v);
-    }
-    c.extend_from_slice(&[0xb9, 0x02, 0x20, 0x20, 0x00]); // mov ecx, 0x202002 (RX used.idx)
-    c.extend_from_slice(&[0x0f, 0xb7, 0x01, 0x85, 0xc0, 0x74, 0xf9]); // spin while 0
-    c.extend_from_slice(&[0x8b, 0x83, 0x60, 0, 0, 0, 0xa8, 0x01, 0x74, 0xf6]); // spin on INT_VRING
-    c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
-    c.extend_from_slice(&[0x8b, 0x83, 0x60, 0, 0, 0, 0xee]); // InterruptStatus
-    c.extend_from_slice(&[0xb9, 0x08, 0x20, 0x20, 0x00]); // mov ecx, 0x202008 (used[0].len)
-    c.extend_from_slice(&[0x8a, 0x01, 0xee]);
-    c.extend_from_slice(&[0xb9, 0x00, 0x00, 0x22, 0x00]); // mov ecx, 0x220000
-    for off in [0x18u8, 0x19, 0x21, 0x2b] {
-        c.extend_from_slice(&[0x8a, 0x41, off, 0xee]); // mov al, [rcx + off]; out
-    }
-    c.extend_from_slice(&[0xb0, 0x0a, 0xee]); // '\n'
-    store(&mut c, RB, 0x70, 0); // device reset
-    c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]); // VM reset
-    c
+    c.print_byte(b'\n');
+    c.mmio_write(reg::STATUS, 0).reset_vm(); // device reset, then the VM's
+    c.code()
 }
 
 /// The binary with its seccomp filter on: the tap opened at build time,
@@ -582,28 +473,12 @@ fn net_driver_payload(arp_request: &[u8]) -> Vec<u8> {
 /// SIGSYS.
 #[test]
 fn hardened_binary_carries_a_guest_arp_exchange() {
-    if !prerequisites() || !require(common::kvm_usable(), "/dev/kvm is missing or not usable") {
-        return;
-    }
-    in_own_netns(|| {
-        let tap = TapGuard::create("h");
-        let dir = tempfile::tempdir().unwrap();
-        let code = dir.path().join("net-driver.bin");
+    with_tap("h", true, |tap| {
         let request = arp(1, MAC, tap.guest_ip(), [0; 6], tap.host_ip());
-        std::fs::write(&code, net_driver_payload(&request)).unwrap();
-        let serial = dir.path().join("serial.log");
-        let out = Command::new(env!("CARGO_BIN_EXE_nutshell-vmm"))
-            .arg("--payload")
-            .arg(&code)
-            .args(["--memory-mib", "32", "--timeout-ms", "20000", "--net"])
-            .arg(format!("{},mac={MAC}", tap.name))
-            .arg("--serial")
-            .arg(&serial)
-            .output()
-            .unwrap();
+        let net = format!("{},mac={MAC}", tap.name);
+        let (out, got) = run_payload(&net_driver_payload(&request), &["--net", &net]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{stderr}");
-        let got = std::fs::read(&serial).unwrap();
         // InterruptStatus, 12 + 42 bytes used, ARP, reply, from 10.203.X.1.
         assert_eq!(
             got,
@@ -615,27 +490,14 @@ fn hardened_binary_carries_a_guest_arp_exchange() {
 
 #[test]
 fn the_binary_names_a_tap_it_cannot_open() {
-    if !prerequisites() || !require(common::kvm_usable(), "/dev/kvm is missing or not usable") {
-        return;
-    }
-    in_own_netns(|| {
-        let tap = TapGuard::create("e");
+    with_tap("e", true, |tap| {
         let _held = Tap::open(&tap.name).unwrap();
         // From the JSON config too.
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("vm.json");
-        let json = format!(
+        let (code, stderr) = run_config(&format!(
             r#"{{"payload": "/dev/null", "net": [{{"tap": "{}", "mac": "02:00:00:00:00:09"}}]}}"#,
             tap.name
-        );
-        std::fs::write(&cfg, json).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_nutshell-vmm"))
-            .arg("--config")
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        ));
+        assert_eq!(code, Some(1), "{stderr}");
         assert!(
             stderr.contains(&tap.name) && stderr.contains("already holds"),
             "{stderr}"

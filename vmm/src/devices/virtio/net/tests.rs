@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -23,21 +23,10 @@ const RX_BUF_LEN: u32 = 1518 + NET_HDR_LEN as u32;
 const TX_BUF: u64 = 0x80_0000;
 const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS;
 
+/// A stand-in tap and the host's end of it.
 fn seqpacket_pair() -> (OwnedFd, File) {
-    let mut fds = [0i32; 2];
-    // SAFETY: socketpair writes two fds into `fds`, a valid 2-element array.
-    let rc = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    assert_eq!(rc, 0);
-    // SAFETY: both fds are new and owned by nobody else.
-    let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    (a, File::from(b))
+    let (ours, host) = crate::fuzzing::seqpacket_pair().unwrap();
+    (ours, File::from(host))
 }
 
 struct Guest {
