@@ -19,7 +19,7 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
-step "build the static agent (tests/tests/agent_host.rs runs it)"
+step "build the static agent (tests/tests/agent_host/ runs it)"
 tools/build-agent.sh >/dev/null
 
 step "build the shim (tests/tests/containerd_*.rs run it under a private containerd)"
