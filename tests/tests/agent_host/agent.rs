@@ -240,16 +240,33 @@ impl Agent {
     }
 
     pub async fn remove(&self, id: &str) {
-        self.client
-            .remove_container(
-                ctx(),
-                &pb::RemoveContainerRequest {
-                    container_id: id.into(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
+        self.try_remove(id).await.unwrap();
+    }
+
+    pub async fn try_remove(&self, id: &str) -> ttrpc::Result<pb::Empty> {
+        let req = pb::RemoveContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.client.remove_container(ctx(), &req).await
+    }
+
+    pub async fn list_processes(&self, id: &str) -> pb::ListProcessesResponse {
+        let req = pb::ListProcessesRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.client.list_processes(ctx(), &req).await.unwrap()
+    }
+
+    /// Writes `data` to the container's stdin; returns how much was taken.
+    pub async fn write_stdin(&self, id: &str, data: &[u8]) -> u32 {
+        let req = pb::WriteStdinRequest {
+            container_id: id.into(),
+            data: data.to_vec(),
+            ..Default::default()
+        };
+        self.client.write_stdin(ctx(), &req).await.unwrap().written
     }
 
     pub async fn exec(
@@ -337,6 +354,15 @@ pub fn spec(rootfs: &Path, args: &[&str]) -> Value {
 
 pub fn sh(agent: &Agent, script: &str) -> Value {
     spec(&agent.rootfs(), &["sh", "-c", script])
+}
+
+/// The request of the calls that name only a container (pause, resume,
+/// stats).
+pub fn container(id: &str) -> pb::ContainerRequest {
+    pb::ContainerRequest {
+        container_id: id.into(),
+        ..Default::default()
+    }
 }
 
 pub fn status_of(e: &ttrpc::Error) -> (ttrpc::Code, String) {

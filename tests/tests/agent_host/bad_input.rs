@@ -7,7 +7,7 @@ use std::time::Duration;
 use nutshell_protocol::agent as pb;
 use serde_json::json;
 
-use crate::agent::{ctx, sh, spec, status_of, Agent, CALL_TIMEOUT};
+use crate::agent::{container, ctx, sh, spec, status_of, Agent, CALL_TIMEOUT};
 
 #[tokio::test]
 async fn bad_input_gets_clear_errors_and_the_agent_keeps_serving() {
@@ -98,13 +98,7 @@ async fn bad_input_gets_clear_errors_and_the_agent_keeps_serving() {
         assert!(msg.contains("cgroup v2"), "{msg}");
         let (code, msg) = status_of(
             &a.client
-                .pause_container(
-                    ctx(),
-                    &pb::ContainerRequest {
-                        container_id: "dup".into(),
-                        ..Default::default()
-                    },
-                )
+                .pause_container(ctx(), &container("dup"))
                 .await
                 .unwrap_err(),
         );
@@ -112,13 +106,7 @@ async fn bad_input_gets_clear_errors_and_the_agent_keeps_serving() {
         assert!(msg.contains("cgroup v2"), "{msg}");
         assert!(a
             .client
-            .stats_container(
-                ctx(),
-                &pb::ContainerRequest {
-                    container_id: "dup".into(),
-                    ..Default::default()
-                }
-            )
+            .stats_container(ctx(), &container("dup"))
             .await
             .is_err());
     }
@@ -154,18 +142,7 @@ async fn bad_input_gets_clear_errors_and_the_agent_keeps_serving() {
         .await
         .unwrap();
     a.remove("dup").await;
-    let (code, _) = status_of(
-        &a.client
-            .remove_container(
-                ctx(),
-                &pb::RemoveContainerRequest {
-                    container_id: "dup".into(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap_err(),
-    );
+    let (code, _) = status_of(&a.try_remove("dup").await.unwrap_err());
     assert_eq!(code, ttrpc::Code::NOT_FOUND);
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use nutshell_protocol::agent as pb;
 use nutshell_tests::require;
 
-use crate::agent::{ctx, sh, status_of, Agent};
+use crate::agent::{container, ctx, sh, status_of, Agent};
 
 #[tokio::test]
 async fn cgroup_v2_pause_resume_stats_and_removal() {
@@ -29,19 +29,7 @@ async fn cgroup_v2_pause_resume_stats_and_removal() {
         &sh(&a, "while true; do echo tick; sleep 0.05; done"),
     )
     .await;
-    let init_pid = a
-        .client
-        .list_processes(
-            ctx(),
-            &pb::ListProcessesRequest {
-                container_id: "ticker".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .processes[0]
-        .pid;
+    let init_pid = a.list_processes("ticker").await.processes[0].pid;
     let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap();
     assert!(
         procs.lines().any(|l| l.trim() == init_pid.to_string()),
@@ -49,10 +37,7 @@ async fn cgroup_v2_pause_resume_stats_and_removal() {
     );
     assert!(a.read_until("ticker", "", "tick").await.contains("tick"));
 
-    let req = pb::ContainerRequest {
-        container_id: "ticker".into(),
-        ..Default::default()
-    };
+    let req = container("ticker");
     a.client.pause_container(ctx(), &req).await.unwrap();
     assert!(std::fs::read_to_string(cg.join("cgroup.events"))
         .unwrap()

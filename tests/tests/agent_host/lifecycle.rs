@@ -65,17 +65,7 @@ async fn signal_all_reaches_every_process() {
     a.run("all", &sh(&a, "sleep 100 & sleep 100 & echo started; wait"))
         .await;
     assert!(a.read_until("all", "", "started").await.contains("started"));
-    let procs = a
-        .client
-        .list_processes(
-            ctx(),
-            &pb::ListProcessesRequest {
-                container_id: "all".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let procs = a.list_processes("all").await;
     assert_eq!(procs.processes.len(), 3, "{:?}", procs.processes);
     let req = pb::SignalProcessRequest {
         container_id: "all".into(),
@@ -119,17 +109,7 @@ async fn exec_shares_the_pid_namespace_and_the_init_is_pid_1() {
     assert_eq!(a.wait("ex", "e1").await.exit_status, 0);
     let e = a.exec("ex", "e1", &["true"], false).await.unwrap_err();
     assert_eq!(status_of(&e).0, ttrpc::Code::ALREADY_EXISTS);
-    let procs = a
-        .client
-        .list_processes(
-            ctx(),
-            &pb::ListProcessesRequest {
-                container_id: "ex".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let procs = a.list_processes("ex").await;
     assert_eq!(
         procs.processes.len(),
         1,

@@ -15,12 +15,7 @@ async fn stdin_is_piped_through_cat() {
         .await
         .unwrap();
     a.start_c("cat").await.unwrap();
-    let w = pb::WriteStdinRequest {
-        container_id: "cat".into(),
-        data: b"through the pipe\n".to_vec(),
-        ..Default::default()
-    };
-    assert_eq!(a.client.write_stdin(ctx(), &w).await.unwrap().written, 17);
+    assert_eq!(a.write_stdin("cat", b"through the pipe\n").await, 17);
     a.client
         .close_stdin(
             ctx(),
@@ -54,12 +49,7 @@ async fn terminal_session_with_resize() {
         ..Default::default()
     };
     a.client.resize_terminal(ctx(), &r).await.unwrap();
-    let w = pb::WriteStdinRequest {
-        container_id: "tty".into(),
-        data: b"go\n".to_vec(),
-        ..Default::default()
-    };
-    a.client.write_stdin(ctx(), &w).await.unwrap();
+    a.write_stdin("tty", b"go\n").await;
     let rest = a.read_until("tty", "", "42 123").await;
     assert!(rest.contains("42 123"), "stty size printed {rest:?}");
     assert_eq!(a.wait("tty", "").await.exit_status, 0);
