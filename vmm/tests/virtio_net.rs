@@ -146,10 +146,45 @@ struct Guest {
     ip: [u8; 4],
 }
 
+/// Waits until `name`'s link is up: attaching to a tap raises its carrier,
+/// but the kernel's link watch activates the queueing discipline only later
+/// (up to a second); until then the kernel drops what it sends through the
+/// tap, such as its ARP reply.
+fn wait_link_up(name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = Command::new("ip")
+            .args(["-o", "link", "show", "dev", name])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.contains("state UP") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} never came up: {text}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Polls `cond` for up to 3 s. Other tests of this process fork `ip`
+/// meanwhile, and a child holds a copy of every fd between its fork and its
+/// exec, so a closed tap may take a moment to be let go.
+fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !cond() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
 impl Guest {
     fn new(tap: &TapGuard) -> Self {
         let mem = create_guest_memory(16 << 20).unwrap();
         let net = Net::open(&tap.name, Some(MAC)).unwrap();
+        wait_link_up(&tap.name);
         let tap_fd = net.tap_fd();
         let stats = net.stats_handle();
         let mut g = Guest {
@@ -402,7 +437,10 @@ fn a_held_tap_is_refused_and_a_missing_one_is_created() {
         );
         drop(held);
         // Once let go, it can be attached again (a VMM restart).
-        drop(Tap::open(&tap.name).unwrap());
+        assert!(
+            eventually(|| Tap::open(&tap.name).is_ok()),
+            "the tap was not let go"
+        );
 
         // A name that does not exist is created, and lives as long as the fd.
         let name = format!("nsvmmc{}", std::process::id() % 10000);
@@ -414,11 +452,15 @@ fn a_held_tap_is_refused_and_a_missing_one_is_created() {
         assert!(shown.status.success());
         assert!(String::from_utf8_lossy(&shown.stdout).contains(&name));
         drop(created);
-        let gone = Command::new("ip")
-            .args(["link", "show", &name])
-            .output()
-            .unwrap();
-        assert!(!gone.status.success(), "the created tap outlived its fd");
+        let gone = || {
+            !Command::new("ip")
+                .args(["link", "show", &name])
+                .output()
+                .unwrap()
+                .status
+                .success()
+        };
+        assert!(eventually(gone), "the created tap outlived its fd");
     });
 }
 
