@@ -54,6 +54,7 @@ fn check_matches_the_facts_of_this_host() {
         assert!(kvm_linux.contains("KVM_EXIT_INTERNAL_ERROR"), "{kvm_linux}");
     }
     for tool in [
+        "nutshell-vmm",
         "qemu-system-x86_64",
         "vhost-device-vsock",
         "virtiofsd",
