@@ -134,12 +134,6 @@ impl Hypervisor for VmmHypervisor {
                     .into(),
             ));
         }
-        if config.vcpus > u32::from(u8::MAX) {
-            return Err(HypervisorError::InvalidConfig(format!(
-                "nutshell-vmm runs at most 255 vCPUs, not {}",
-                config.vcpus
-            )));
-        }
         if !Path::new("/dev/kvm").exists() {
             return Err(HypervisorError::InvalidConfig(
                 "nutshell-vmm needs /dev/kvm, which does not exist on this host".into(),
