@@ -50,6 +50,10 @@ pub enum TapError {
     /// The fd could not be made non-blocking.
     #[error("Failed to make the fd of tap {0} non-blocking.")]
     NonBlocking(String, #[source] io::Error),
+    /// The eventfd that brings the device back to a tap it left unread
+    /// (its RX budget ran out) could not be created.
+    #[error("Failed to create the RX wake-up eventfd for tap {0}.")]
+    RxWakeup(String, #[source] io::Error),
 }
 
 /// `struct ifreq` as `TUNSETIFF` reads it: the name, then the flags in the
