@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::cgroup::{self, Cgroup};
 use crate::error::{AgentError, Result};
+use crate::oom::OomWatch;
 use crate::reaper::{Exit, Reaper};
 use crate::stdio::{OutputBuffer, StdinWriter};
 use channel::Channel;
@@ -57,11 +58,27 @@ pub struct Process {
 }
 
 impl Process {
-    fn new(exec_id: String, s: spawn::Spawned, reaper: &Reaper) -> Arc<Self> {
+    /// `oom` is the container's OOM watch (with a cgroup): checked at the
+    /// exit, before anyone learns of it.
+    fn new(
+        exec_id: String,
+        s: spawn::Spawned,
+        reaper: &Reaper,
+        oom: Option<Arc<OomWatch>>,
+    ) -> Arc<Self> {
         let (tx, rx) = watch::channel(None);
         let waiter = reaper.wait(s.pid);
+        let pid = s.pid;
         tokio::spawn(async move {
             if let Ok(exit) = waiter.await {
+                // An OOM kill that ends the process is queued before
+                // WaitProcess returns and before RemoveContainer (which
+                // waits for this exit) can remove the cgroup, so a client
+                // that asks GetOomEvent after either gets it, even when
+                // the poll never ran in between.
+                if oom.as_ref().is_some_and(|o| o.check()) {
+                    tracing::info!(pid, "OOM kill found at the exit");
+                }
                 let _ = tx.send(Some(exit));
             }
         });
@@ -127,6 +144,7 @@ pub struct Container {
     cgroup: Option<Cgroup>,
     init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
+    oom: Option<Arc<OomWatch>>,
     oom_stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -326,6 +344,10 @@ impl Engine {
             seccomp: seccomp.clone(),
             cgroup_v2: self.cgroup_v2,
         };
+        // The baseline is read before any process of the container exists.
+        let oom = cgroup
+            .as_ref()
+            .map(|cg| OomWatch::new(id, cg.path(), self.oom_tx.clone()));
         let spawned = match spawn::spawn(id, cfg, want_stdin, cgroup.as_ref(), &self.reaper).await {
             Ok(s) => s,
             Err(e) => {
@@ -335,10 +357,11 @@ impl Engine {
                 return Err(e);
             }
         };
-        let init = Process::new(String::new(), spawned, &self.reaper);
+        let init = Process::new(String::new(), spawned, &self.reaper, oom.clone());
         let pid = init.pid;
         self.sandbox.lock().await.container_created(pid);
-        let oom_stop = cgroup.as_ref().map(|cg| self.watch_oom(id, cg));
+        // The poll catches kills of other processes while the init runs.
+        let oom_stop = oom.as_ref().map(|o| o.poll());
         let container = Arc::new(Container {
             id: id.to_string(),
             spec,
@@ -346,6 +369,7 @@ impl Engine {
             cgroup,
             init,
             execs: Mutex::new(HashMap::new()),
+            oom,
             oom_stop,
         });
         self.containers
@@ -354,30 +378,6 @@ impl Engine {
             .insert(id.to_string(), container);
         tracing::info!(container = id, pid, "container created");
         Ok(pid)
-    }
-
-    /// Polls memory.events for oom_kill increments (cgroup v2 has no
-    /// notification for them other than file-modified events).
-    fn watch_oom(&self, id: &str, cg: &Cgroup) -> tokio::sync::oneshot::Sender<()> {
-        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel();
-        let events = Cgroup::at(cg.path());
-        let tx = self.oom_tx.clone();
-        let id = id.to_string();
-        tokio::spawn(async move {
-            let mut seen = events.oom_kills();
-            loop {
-                tokio::select! {
-                    _ = &mut stop_rx => break,
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                }
-                let now = events.oom_kills();
-                if now > seen {
-                    seen = now;
-                    let _ = tx.try_send(id.clone());
-                }
-            }
-        });
-        stop_tx
     }
 
     /// StartContainer.
@@ -454,7 +454,7 @@ impl Engine {
             cgroup_v2: self.cgroup_v2,
         };
         let spawned = spawn::spawn(&c.id, cfg, want_stdin, c.cgroup.as_ref(), &self.reaper).await?;
-        let p = Process::new(exec_id.to_string(), spawned, &self.reaper);
+        let p = Process::new(exec_id.to_string(), spawned, &self.reaper, c.oom.clone());
         if let Err(e) = p.start(&c.id).await {
             let _ = p.signal(Signal::SIGKILL);
             return Err(e);
