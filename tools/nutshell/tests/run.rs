@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nutshell_runtime::hypervisor::qemu::QemuHypervisor;
@@ -54,12 +54,28 @@ fn vm_prerequisites() -> bool {
     true
 }
 
-/// A busybox rootfs in a fresh temporary directory.
-fn rootfs() -> (tempfile::TempDir, PathBuf) {
+/// What a VM test holds while it runs: its turn (VM tests run one at a
+/// time) and a busybox rootfs in a fresh temporary directory.
+struct VmTest {
+    _turn: MutexGuard<'static, ()>,
+    tmp: tempfile::TempDir,
+    rootfs: PathBuf,
+}
+
+/// The VM test's setting, or `None` (skipped) without its prerequisites.
+fn vm_test() -> Option<VmTest> {
+    if !vm_prerequisites() {
+        return None;
+    }
+    let turn = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("rootfs");
-    busybox_rootfs(&dir).unwrap();
-    (tmp, dir)
+    let rootfs = tmp.path().join("rootfs");
+    busybox_rootfs(&rootfs).unwrap();
+    Some(VmTest {
+        _turn: turn,
+        tmp,
+        rootfs,
+    })
 }
 
 /// `nutshell run --backend qemu` with the guest image under test.
@@ -156,13 +172,11 @@ fn state_dir_of(child: &Child) -> PathBuf {
 /// order, and nothing of the run is left afterwards.
 #[test]
 fn output_and_exit_status_pass_through_and_nothing_is_left() {
-    if !vm_prerequisites() {
+    let Some(VmTest { rootfs, .. }) = &vm_test() else {
         return;
-    }
-    let _turn = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let (_tmp, rootfs) = rootfs();
+    };
     let f = run_to_end(run_command(
-        &rootfs,
+        rootfs,
         &["--timing"],
         &["sh", "-c", "echo out; echo err >&2; exit 7"],
     ));
@@ -201,13 +215,11 @@ fn output_and_exit_status_pass_through_and_nothing_is_left() {
 /// rootfs; `--env` reaches the container.
 #[test]
 fn readonly_rootfs_and_env() {
-    if !vm_prerequisites() {
+    let Some(VmTest { rootfs, .. }) = &vm_test() else {
         return;
-    }
-    let _turn = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let (_tmp, rootfs) = rootfs();
+    };
     let f = run_to_end(run_command(
-        &rootfs,
+        rootfs,
         &["--readonly", "--env", "GREETING=hello there"],
         &["sh", "-c", "echo \"$GREETING\"; touch /probe"],
     ));
@@ -223,13 +235,11 @@ fn readonly_rootfs_and_env() {
 /// whose reader stops early ends.
 #[test]
 fn containers_start_with_default_signal_dispositions() {
-    if !vm_prerequisites() {
+    let Some(VmTest { rootfs, .. }) = &vm_test() else {
         return;
-    }
-    let _turn = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let (_tmp, rootfs) = rootfs();
+    };
     let f = run_to_end(run_command(
-        &rootfs,
+        rootfs,
         &[],
         &[
             "sh",
@@ -250,13 +260,11 @@ fn containers_start_with_default_signal_dispositions() {
 /// with 137 and leaves nothing.
 #[test]
 fn interrupted_run_leaves_nothing() {
-    if !vm_prerequisites() {
+    let Some(VmTest { rootfs, .. }) = &vm_test() else {
         return;
-    }
-    let _turn = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let (_tmp, rootfs) = rootfs();
+    };
     let (child, out, err) = spawn(run_command(
-        &rootfs,
+        rootfs,
         &[],
         // Ignored before `ready` is written: no race with the first SIGINT.
         &["sh", "-c", "trap '' INT; echo ready; sleep 600"],
@@ -277,15 +285,13 @@ fn interrupted_run_leaves_nothing() {
 /// init and panics) is reported with the console's last lines.
 #[test]
 fn a_dead_guest_is_reported_with_its_console() {
-    if !vm_prerequisites() {
+    let Some(VmTest { tmp, rootfs, .. }) = &vm_test() else {
         return;
-    }
-    let _turn = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let (tmp, rootfs) = rootfs();
+    };
     let initrd = tmp.path().join("broken-initramfs");
     let good = std::fs::read(guest_dir().join("initramfs.cpio.gz")).unwrap();
     std::fs::write(&initrd, &good[..4096.min(good.len())]).unwrap();
-    let f = run_to_end(run_with_initrd(&rootfs, &initrd, &[], &["true"]));
+    let f = run_to_end(run_with_initrd(rootfs, &initrd, &[], &["true"]));
     assert_eq!(f.status, 125);
     assert!(f.stderr.contains("the VM did not come up"), "{}", f.stderr);
     assert!(
