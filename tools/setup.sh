@@ -52,6 +52,15 @@ CARGO_TOOLS=(
   "vhost-device-vsock 0.3.0"
   "virtiofsd 1.14.0"
 )
+# The test command fuzzes the VMM's guest-facing parsers with cargo-fuzz,
+# which runs on nightly: wherever a nightly toolchain exists (rustup cannot
+# fetch one here, only crates.io is reachable), install it too. A machine
+# without nightly is the one case the fuzz step may skip.
+if cargo +nightly --version >/dev/null 2>&1; then
+  CARGO_TOOLS+=("cargo-fuzz 0.13.2")
+else
+  echo "note: no nightly toolchain: cargo-fuzz is not installed and the fuzz step will skip"
+fi
 CARGO_ROOT=/usr/local
 cargo_tool_present() { # name version
   [[ -x $CARGO_ROOT/bin/$1 ]] && grep -qF "\"$1 $2 " "$CARGO_ROOT/.crates.toml" 2>/dev/null
