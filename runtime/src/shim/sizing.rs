@@ -16,7 +16,7 @@ use std::collections::HashMap;
 
 use oci_spec::runtime::LinuxResources;
 
-use crate::config::VmConfig;
+use crate::config::VmSettings;
 
 pub const ANNOTATION_VCPUS: &str = "io.nutshell.vm.vcpus";
 pub const ANNOTATION_MEMORY_MIB: &str = "io.nutshell.vm.memory_mib";
@@ -37,7 +37,7 @@ pub struct VmSize {
 /// Picks the VM size for a pod from its owner container's annotations and
 /// resources.
 pub fn size_for(
-    cfg: &VmConfig,
+    cfg: &VmSettings,
     annotations: &HashMap<String, String>,
     resources: Option<&LinuxResources>,
 ) -> VmSize {
@@ -93,7 +93,7 @@ mod tests {
     use crate::config::Config;
     use oci_spec::runtime::{LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder};
 
-    fn cfg() -> VmConfig {
+    fn cfg() -> VmSettings {
         let mut c = Config::embedded().vm;
         c.vcpus = 1;
         c.memory_mib = 256;
