@@ -13,6 +13,7 @@
 
 mod cmdline;
 mod console;
+mod launch;
 mod memory;
 pub mod nutshell_vmm;
 mod programs;
@@ -35,6 +36,10 @@ pub use vm::{ProcessRole, ProcessStatus, RunningVm, VmEndWatch, VmExit};
 
 /// Directory of the installed guest assets.
 pub const GUEST_ASSETS_DIR: &str = "/usr/share/nutshell";
+
+/// The guest's vsock context id. Each VM has its own vsock device (inside
+/// nutshell-vmm, or QEMU's vhost-user backend), so every VM uses the same one.
+pub const GUEST_CID: u32 = 3;
 
 /// The virtio-fs tag of the pod's shared directory; the agent mounts it with
 /// `mount -t virtiofs nutshell <dir>`.

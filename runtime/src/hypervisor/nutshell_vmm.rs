@@ -14,13 +14,10 @@ use async_trait::async_trait;
 use tokio::process::Command;
 
 use super::cmdline::kernel_cmdline;
+use super::launch::{Launch, VmFiles};
 use super::programs::find_program;
-use super::supervisor::{ProcessTree, StateFiles};
 use super::vm::{ProcessRole, RunningVm};
-use super::{virtiofsd, Accel, Hypervisor, HypervisorError, VmConfig, SHARED_DIR_TAG};
-
-/// The guest's vsock context id (each VM has its own device).
-pub const GUEST_CID: u32 = 3;
+use super::{Accel, Hypervisor, HypervisorError, VmConfig, GUEST_CID, SHARED_DIR_TAG};
 
 /// Where the programs this backend runs live.
 #[derive(Debug, Clone)]
@@ -70,28 +67,6 @@ impl VmmHypervisor {
     }
 }
 
-/// The files of one nutshell-vmm VM in its state directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct VmFiles {
-    /// Hybrid-vsock socket the host dials to reach guest ports.
-    agent: PathBuf,
-    /// vhost-user socket of virtiofsd, when a directory is shared.
-    fs: Option<PathBuf>,
-    /// Serial console log.
-    console: PathBuf,
-}
-
-impl VmFiles {
-    fn new(config: &VmConfig) -> Self {
-        let d = &config.state_dir;
-        Self {
-            agent: d.join("vsock.sock"),
-            fs: config.shared_dir.as_ref().map(|_| d.join("fs.sock")),
-            console: d.join("console.log"),
-        }
-    }
-}
-
 /// nutshell-vmm's arguments for `config`. The VMM appends its virtio-mmio
 /// devices to the command line itself.
 fn vmm_args(config: &VmConfig, files: &VmFiles) -> Vec<OsString> {
@@ -127,7 +102,6 @@ impl Hypervisor for VmmHypervisor {
     }
 
     async fn launch(&self, config: &VmConfig) -> Result<RunningVm, HypervisorError> {
-        config.validate()?;
         if config.accel == Accel::Tcg {
             return Err(HypervisorError::InvalidConfig(
                 "nutshell-vmm runs on KVM only; software emulation (tcg) needs the qemu backend"
@@ -139,35 +113,23 @@ impl Hypervisor for VmmHypervisor {
                 "nutshell-vmm needs /dev/kvm, which does not exist on this host".into(),
             ));
         }
-        let files = VmFiles::new(config);
-        let mut state = StateFiles::prepare(&config.state_dir, config.debug_console)?;
-        state.claim(&files.agent)?;
-        if let Some(fs) = &files.fs {
-            virtiofsd::claim_files(&mut state, fs)?;
-        }
-        let mut tree = ProcessTree::new(&config.id, state);
-
-        if let (Some(dir), Some(socket)) = (&config.shared_dir, &files.fs) {
-            if let Err(e) = virtiofsd::start(&mut tree, &self.binaries.virtiofsd, dir, socket) {
-                tree.kill_and_clean().await;
-                return Err(e);
-            }
-            if let Err(why) = tree
-                .wait_for_socket("virtiofsd", socket, self.socket_timeout)
-                .await
-            {
-                return Err(tree.abort(why).await);
-            }
-        }
+        // The VMM connects to virtiofsd as it starts, so virtiofsd first.
+        let launch = Launch::prepare(config, &[])?
+            .start_virtiofsd(&self.binaries.virtiofsd, config)
+            .await?;
+        let files = launch.files.clone();
+        let waits: Vec<(&str, &Path)> = files
+            .fs
+            .iter()
+            .map(|fs| ("virtiofsd", fs.as_path()))
+            .collect();
+        let launch = launch.wait_for_sockets(&waits, self.socket_timeout).await?;
 
         let mut vmm = Command::new(&self.binaries.vmm);
         vmm.args(vmm_args(config, &files));
-        if let Err(e) = tree.spawn(ProcessRole::Vmm, "nutshell-vmm", vmm) {
-            tree.kill_and_clean().await;
-            return Err(e);
-        }
+        let launch = launch.spawn(ProcessRole::Vmm, "nutshell-vmm", vmm).await?;
         tracing::info!(vm = %config.id, "nutshell-vmm VM started");
-        Ok(tree.into_running(files.agent))
+        Ok(launch.into_running())
     }
 }
 

@@ -14,15 +14,10 @@ use async_trait::async_trait;
 use tokio::process::Command;
 
 use super::cmdline::kernel_cmdline;
+use super::launch::{Launch, VmFiles};
 use super::programs::find_program;
-use super::supervisor::{ProcessTree, StateFiles};
-use super::virtiofsd;
 use super::vm::{ProcessRole, RunningVm};
-use super::{Accel, Hypervisor, HypervisorError, VmConfig, SHARED_DIR_TAG};
-
-/// The guest's vsock context id. Each VM has its own vsock backend, so every
-/// VM can use the same one.
-pub const GUEST_CID: u32 = 3;
+use super::{Accel, Hypervisor, HypervisorError, VmConfig, GUEST_CID, SHARED_DIR_TAG};
 
 /// Where the programs QEMU needs live.
 #[derive(Debug, Clone)]
@@ -97,31 +92,6 @@ impl QemuHypervisor {
             Accel::Auto if self.kvm_usable => Accel::Kvm,
             Accel::Auto => Accel::Tcg,
             other => other,
-        }
-    }
-}
-
-/// The files of one QEMU VM in its state directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct VmFiles {
-    /// vhost-user socket of the vsock backend (QEMU connects).
-    pub vhost_vsock: PathBuf,
-    /// Hybrid-vsock socket the host dials to reach guest ports.
-    pub agent: PathBuf,
-    /// vhost-user socket of virtiofsd, when a directory is shared.
-    pub fs: Option<PathBuf>,
-    /// Serial console log.
-    pub console: PathBuf,
-}
-
-impl VmFiles {
-    fn new(config: &VmConfig) -> Self {
-        let d = &config.state_dir;
-        Self {
-            vhost_vsock: d.join("vhu.sock"),
-            agent: d.join("vsock.sock"),
-            fs: config.shared_dir.as_ref().map(|_| d.join("fs.sock")),
-            console: d.join("console.log"),
         }
     }
 }
@@ -231,56 +201,35 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn launch(&self, config: &VmConfig) -> Result<RunningVm, HypervisorError> {
-        config.validate()?;
         let accel = self.resolve_accel(config.accel);
         if accel == Accel::Kvm && !Path::new("/dev/kvm").exists() {
             return Err(HypervisorError::InvalidConfig(
                 "KVM was asked for but /dev/kvm does not exist".into(),
             ));
         }
-        let files = VmFiles::new(config);
-        let mut state = StateFiles::prepare(&config.state_dir, config.debug_console)?;
-        state.claim(&files.vhost_vsock)?;
-        state.claim(&files.agent)?;
-        if let Some(fs) = &files.fs {
-            virtiofsd::claim_files(&mut state, fs)?;
-        }
-        let mut tree = ProcessTree::new(&config.id, state);
-
+        let vhost_vsock = VmFiles::new(config).vhost_vsock;
+        let launch = Launch::prepare(config, &[&vhost_vsock])?;
         let mut vsock = Command::new(&self.binaries.vsock_backend);
-        vsock.args(vsock_backend_args(&files));
-        if let Err(e) = tree.spawn(ProcessRole::VsockBackend, "vhost-device-vsock", vsock) {
-            tree.kill_and_clean().await;
-            return Err(e);
-        }
-        if let (Some(dir), Some(socket)) = (&config.shared_dir, &files.fs) {
-            if let Err(e) = virtiofsd::start(&mut tree, &self.binaries.virtiofsd, dir, socket) {
-                tree.kill_and_clean().await;
-                return Err(e);
-            }
-        }
-
-        let mut waits = vec![("vhost-device-vsock", files.vhost_vsock.clone())];
+        vsock.args(vsock_backend_args(&launch.files));
+        let launch = launch
+            .spawn(ProcessRole::VsockBackend, "vhost-device-vsock", vsock)
+            .await?
+            .start_virtiofsd(&self.binaries.virtiofsd, config)
+            .await?;
+        let files = launch.files.clone();
+        let mut waits = vec![("vhost-device-vsock", files.vhost_vsock.as_path())];
         if let Some(fs) = &files.fs {
-            waits.push(("virtiofsd", fs.clone()));
+            waits.push(("virtiofsd", fs));
         }
-        for (program, socket) in waits {
-            if let Err(why) = tree
-                .wait_for_socket(program, &socket, self.socket_timeout)
-                .await
-            {
-                return Err(tree.abort(why).await);
-            }
-        }
+        let launch = launch.wait_for_sockets(&waits, self.socket_timeout).await?;
 
         let mut qemu = Command::new(&self.binaries.qemu);
         qemu.args(qemu_args(config, accel, &files));
-        if let Err(e) = tree.spawn(ProcessRole::Vmm, "qemu-system-x86_64", qemu) {
-            tree.kill_and_clean().await;
-            return Err(e);
-        }
+        let launch = launch
+            .spawn(ProcessRole::Vmm, "qemu-system-x86_64", qemu)
+            .await?;
         tracing::info!(vm = %config.id, accel = ?accel, "QEMU VM started");
-        Ok(tree.into_running(files.agent))
+        Ok(launch.into_running())
     }
 }
 
