@@ -1,8 +1,8 @@
 //! A pod's VM together with its connected agent: the unit the shim holds.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use nutshell_protocol::agent::Storage;
+use nutshell_protocol::agent::{CreateSandboxRequest, Storage};
 
 use crate::agent::{AgentAddress, AgentClient, AgentError, DialOptions};
 use crate::hypervisor::{
@@ -17,7 +17,7 @@ const DESTROY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The `Storage` entry for CreateSandbox that mounts the pod's shared
 /// directory (virtio-fs tag [`SHARED_DIR_TAG`]) at [`GUEST_SHARED_DIR`].
-pub fn shared_dir_storage() -> Storage {
+fn shared_dir_storage() -> Storage {
     Storage {
         source: SHARED_DIR_TAG.into(),
         fstype: "virtiofs".into(),
@@ -86,6 +86,33 @@ impl Sandbox {
     /// The agent.
     pub fn agent(&self) -> &AgentClient {
         &self.agent
+    }
+
+    /// Sets the guest up for pod `id`: its clock from the host's, then
+    /// CreateSandbox with `hostname` and the pod's shared directory mounted
+    /// at [`GUEST_SHARED_DIR`]. Every front door (the shim, `nutshell run`)
+    /// sets a sandbox up through here.
+    pub async fn set_up(
+        &self,
+        id: &str,
+        hostname: &str,
+        shared_pid_ns: bool,
+    ) -> Result<(), AgentError> {
+        // A guest without the right time still runs containers; the clock
+        // matters for TLS and logs, not for the pod's start.
+        if let Err(e) = self.agent.set_time(SystemTime::now()).await {
+            tracing::debug!(vm = %self.vm.id(), error = %e, "SetTime");
+        }
+        self.agent
+            .create_sandbox(&CreateSandboxRequest {
+                sandbox_id: id.into(),
+                hostname: hostname.into(),
+                storages: vec![shared_dir_storage()],
+                shared_dir: GUEST_SHARED_DIR.into(),
+                shared_pid_ns,
+                ..Default::default()
+            })
+            .await
     }
 
     /// Asks the agent to destroy the sandbox (the guest powers off), then

@@ -11,11 +11,11 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nutshell_protocol::agent::{CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest};
+use nutshell_protocol::agent::{CreateContainerRequest, ExecProcessRequest};
 use nutshell_runtime::agent::{AgentAddress, AgentClient, AgentError, DialOptions};
 use nutshell_runtime::hypervisor::qemu::QemuHypervisor;
 use nutshell_runtime::hypervisor::{Accel, Hypervisor, ProcessRole, ProcessStatus, VmConfig};
-use nutshell_runtime::sandbox::{shared_dir_storage, Sandbox, GUEST_SHARED_DIR};
+use nutshell_runtime::sandbox::{Sandbox, GUEST_SHARED_DIR};
 use nutshell_tests::{assert_no_vm_left, busybox_rootfs, guest_dir, is_root, require, BUSYBOX};
 use serde_json::{json, Value};
 
@@ -294,14 +294,8 @@ fn guest_runs_containers() {
             mem.processes
         );
 
-        agent
-            .create_sandbox(&CreateSandboxRequest {
-                sandbox_id: "guest-runs-containers".into(),
-                hostname: "pod".into(),
-                storages: vec![shared_dir_storage()],
-                shared_dir: GUEST_SHARED_DIR.into(),
-                ..Default::default()
-            })
+        sandbox
+            .set_up("guest-runs-containers", "pod", false)
             .await
             .unwrap();
         let none = BTreeMap::new();

@@ -13,12 +13,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nutshell_protocol::agent::CreateSandboxRequest;
 use nutshell_runtime::agent::DialOptions;
 use nutshell_runtime::hypervisor::nutshell_vmm::{VmmBinaries, VmmHypervisor};
 use nutshell_runtime::hypervisor::select::{kvm_verdict, KvmVerdict};
 use nutshell_runtime::hypervisor::{ProcessRole, VmConfig};
-use nutshell_runtime::sandbox::{shared_dir_storage, Sandbox};
+use nutshell_runtime::sandbox::Sandbox;
 use nutshell_tests::{assert_no_vm_left, guest_dir, is_root, require, vmm_binary, which};
 
 fn prerequisites() -> Option<VmmHypervisor> {
@@ -105,12 +104,7 @@ fn the_vmm_backend_boots_the_guest_or_says_why_not() {
                 let health = sandbox.agent().health().await.unwrap();
                 assert_eq!(health.status, "SERVING");
                 sandbox
-                    .agent()
-                    .create_sandbox(&CreateSandboxRequest {
-                        hostname: "vmm-boot".into(),
-                        storages: vec![shared_dir_storage()],
-                        ..Default::default()
-                    })
+                    .set_up("vmm-boot", "vmm-boot", false)
                     .await
                     .expect("the agent mounts the shared directory over virtio-fs");
                 let exit = sandbox.shutdown(Duration::from_secs(5)).await;

@@ -4,16 +4,15 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use nutshell_protocol::agent::CreateSandboxRequest;
 use tokio::task::JoinHandle;
 
 use crate::agent::{AgentClient, DialOptions};
 use crate::config::Config;
 use crate::hypervisor::select::select_backend;
 use crate::hypervisor::{Accel, VmConfig};
-use crate::sandbox::{shared_dir_storage, Sandbox, GUEST_SHARED_DIR};
+use crate::sandbox::Sandbox;
 
 use super::events::Events;
 use super::mounts::{prepare_shared_dir, remove_tree, unmount_below};
@@ -152,17 +151,10 @@ impl Pod {
         if let Err(e) = record.save(dir) {
             tracing::warn!(error = %chain(&e), "cannot record the VM's processes");
         }
-        let agent = sandbox.agent();
-        let _ = agent.set_time(SystemTime::now()).await;
-        let req = CreateSandboxRequest {
-            sandbox_id: spec.id.clone(),
-            hostname: spec.hostname.clone(),
-            storages: vec![shared_dir_storage()],
-            shared_dir: GUEST_SHARED_DIR.into(),
-            shared_pid_ns: spec.shared_pid_ns,
-            ..Default::default()
-        };
-        if let Err(e) = agent.create_sandbox(&req).await {
+        if let Err(e) = sandbox
+            .set_up(&spec.id, &spec.hostname, spec.shared_pid_ns)
+            .await
+        {
             let exit = sandbox.vm().kill().await;
             return Err(ShimError::Vm(format!("{} (VM killed: {exit})", chain(&e))));
         }

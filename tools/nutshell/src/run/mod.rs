@@ -18,15 +18,15 @@ mod workdir;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::Signal;
-use nutshell_protocol::agent::{CreateContainerRequest, CreateSandboxRequest};
+use nutshell_protocol::agent::CreateContainerRequest;
 use nutshell_runtime::agent::{AgentClient, AgentError, DialOptions};
 use nutshell_runtime::config::Backend;
 use nutshell_runtime::hypervisor::{sanitize_line, Accel, Hypervisor, VmConfig, GUEST_ASSETS_DIR};
-use nutshell_runtime::sandbox::{shared_dir_storage, Sandbox, SandboxError, GUEST_SHARED_DIR};
+use nutshell_runtime::sandbox::{Sandbox, SandboxError};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 
@@ -312,21 +312,11 @@ async fn run_container(
             "agent call done"
         )
     };
-    if let Err(e) = agent.set_time(SystemTime::now()).await {
-        tracing::debug!(error = %e, "SetTime");
-    }
-    took("SetTime");
-    agent
-        .create_sandbox(&CreateSandboxRequest {
-            sandbox_id: id.into(),
-            hostname: HOSTNAME.into(),
-            storages: vec![shared_dir_storage()],
-            shared_dir: GUEST_SHARED_DIR.into(),
-            ..Default::default()
-        })
+    sandbox
+        .set_up(id, HOSTNAME, false)
         .await
         .map_err(|e| refused("set the sandbox up", e))?;
-    took("CreateSandbox");
+    took("SetTime and CreateSandbox");
     agent
         .create_container(&CreateContainerRequest {
             container_id: id.into(),
