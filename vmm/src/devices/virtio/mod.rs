@@ -9,8 +9,8 @@ pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;
-#[cfg(test)]
-pub(crate) mod test_utils;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 pub mod vsock;
 
 use std::os::fd::RawFd;

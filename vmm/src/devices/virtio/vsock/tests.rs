@@ -12,7 +12,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::muxer::CONN_BUF;
 use super::packet::*;
 use super::Vsock;
-use crate::devices::virtio::test_utils::{test_memory, Driver, RawQueue};
+use crate::devices::virtio::test_utils::{test_memory, Driver, Ring};
 use crate::devices::virtio::VIRTIO_F_VERSION_1;
 
 const CID: u64 = 3;
@@ -23,8 +23,8 @@ const RX_BUF_LEN: u32 = 4096;
 struct Guest {
     mem: GuestMemoryMmap,
     d: Driver,
-    rx: RawQueue,
-    tx: RawQueue,
+    rx: Ring,
+    tx: Ring,
     epoll_fd: RawFd,
     rx_count: u64,
     dir: tempfile::TempDir,
@@ -36,11 +36,11 @@ impl Guest {
         let mem = test_memory();
         let dev = Vsock::new(CID, &dir.path().join("v.sock")).unwrap();
         let epoll_fd = dev.muxer().epoll_fd();
-        let mut d = Driver::with_device(Box::new(dev), mem.clone());
-        let rx = RawQueue::new(&mem, 0x10_000, 256);
-        let tx = RawQueue::new(&mem, 0x20_000, 256);
-        let ev = RawQueue::new(&mem, 0x30_000, 256);
-        d.activate_with_mock_queues(VIRTIO_F_VERSION_1, &[rx.rings(), tx.rings(), ev.rings()]);
+        let mut d = Driver::new(Box::new(dev), mem.clone());
+        let rx = Ring::at(0x10_000, 256);
+        let tx = Ring::at(0x20_000, 256);
+        let ev = Ring::at(0x30_000, 256);
+        assert!(d.bring_up(VIRTIO_F_VERSION_1, &[&rx, &tx, &ev]));
         let mut g = Guest {
             mem,
             d,
@@ -59,7 +59,7 @@ impl Guest {
     fn give_rx_buffer(&mut self) {
         let addr = RX_BUFS + (self.rx_count % 64) * u64::from(RX_BUF_LEN);
         self.rx_count += 1;
-        self.rx.add_chain(&[(addr, RX_BUF_LEN, true)]);
+        self.rx.push(&self.mem, &[(addr, RX_BUF_LEN, true)]);
         self.d.notify(0);
     }
 
@@ -77,7 +77,7 @@ impl Guest {
 
     /// Packets the device put in RX since the last call.
     fn received(&mut self) -> Vec<(Header, Vec<u8>)> {
-        let used = self.rx.take_used();
+        let used = self.rx.take_used(&self.mem);
         let mut out = Vec::new();
         for (id, len) in used {
             // One descriptor per chain: id == descriptor index == buffer order.
@@ -104,8 +104,10 @@ impl Guest {
         self.mem
             .write_slice(payload, GuestAddress(TX_BUF + HDR_SIZE as u64))
             .unwrap();
-        self.tx
-            .add_chain(&[(TX_BUF, (HDR_SIZE + payload.len()) as u32, false)]);
+        self.tx.push(
+            &self.mem,
+            &[(TX_BUF, (HDR_SIZE + payload.len()) as u32, false)],
+        );
         self.d.notify(1);
     }
 }
