@@ -14,7 +14,9 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::TYPE_BLOCK;
-use super::{read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, INT_VRING};
+use super::{
+    read_config_bytes, signal_used_queue, ActivateError, Activation, Interrupt, VirtioDevice,
+};
 use request::*;
 
 /// The disk is read-only.
@@ -176,9 +178,7 @@ impl VirtioDevice for Block {
             }
             used_any = true;
         }
-        if used_any && queue.needs_notification(&mem).unwrap_or(true) {
-            irq.trigger(INT_VRING);
-        }
+        signal_used_queue(&mut queue, &mem, &irq, used_any);
         self.active = Some((mem, queue, irq));
     }
 

@@ -7,7 +7,9 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::TYPE_RNG;
-use super::{read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, INT_VRING};
+use super::{
+    read_config_bytes, signal_used_queue, ActivateError, Activation, Interrupt, VirtioDevice,
+};
 
 const QUEUE_SIZE: u16 = 256;
 /// Most bytes handed out per descriptor chain; a guest cannot make us
@@ -94,9 +96,7 @@ impl VirtioDevice for Rng {
             }
             used_any = true;
         }
-        if used_any && queue.needs_notification(&*mem).unwrap_or(true) {
-            irq.trigger(INT_VRING);
-        }
+        signal_used_queue(queue, mem, irq, used_any);
     }
 
     fn reset(&mut self) {
