@@ -226,22 +226,48 @@ fn credit_limits_what_the_guest_gets() {
 fn guest_overrunning_our_buffer_is_reset() {
     let mut g = Guest::new();
     let (mut host, port) = host_connect(&mut g);
-    // Nobody reads the host side; push more than CONN_BUF.
-    let chunk = vec![1u8; 60 * 1024];
-    let mut reset = false;
-    for _ in 0..((CONN_BUF as usize / chunk.len()) + 8) {
-        g.send(guest_hdr(OP_RW, 1024, port), &chunk);
-        if g.received().iter().any(|p| p.0.op == OP_RST) {
-            reset = true;
+    // Nobody reads the host side. The guest sends exactly the credit it is
+    // given, tracking our fwd_cnt as it arrives (the host socket absorbs
+    // some, and we say so): never a reset, however full we are.
+    let mut sent: u32 = 0;
+    let mut fwd_cnt: u32 = 0;
+    let mut rounds = 0;
+    loop {
+        let credit = CONN_BUF - sent.wrapping_sub(fwd_cnt);
+        if credit == 0 {
             break;
         }
+        rounds += 1;
+        assert!(rounds < 100, "the host socket never filled up");
+        let n = credit.min(60 * 1024);
+        g.send(guest_hdr(OP_RW, 1024, port), &vec![1u8; n as usize]);
+        sent += n;
+        for (h, _) in g.received() {
+            assert_eq!({ h.op }, OP_CREDIT_UPDATE, "after {sent} bytes");
+            fwd_cnt = h.fwd_cnt;
+        }
     }
-    // Either the host socket absorbed it all (big kernel buffers) or we reset.
-    if reset {
-        host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let mut sink = Vec::new();
-        let _ = host.read_to_end(&mut sink);
-    }
+    // One byte past the credit: reset at once.
+    g.send(guest_hdr(OP_RW, 1024, port), &[1]);
+    let pkts = g.received();
+    assert_eq!(pkts.len(), 1, "{pkts:?}");
+    let rst = pkts[0].0;
+    assert_eq!(
+        ({ rst.op }, { rst.src_port }, { rst.dst_port }),
+        (OP_RST, port, 1024)
+    );
+    // The host side is closed; what it had not taken is dropped.
+    host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut got = Vec::new();
+    host.read_to_end(&mut got).unwrap();
+    assert!(
+        (fwd_cnt as usize..sent as usize).contains(&got.len()),
+        "host got {} of {sent} bytes, {fwd_cnt} announced",
+        got.len()
+    );
+    // The connection is gone: more data is refused.
+    g.send(guest_hdr(OP_RW, 1024, port), b"x");
+    assert_eq!({ g.received()[0].0.op }, OP_RST);
 }
 
 #[test]
