@@ -3,7 +3,7 @@
 //! contents of a virtqueue (descriptor table, available ring, buffers) in
 //! guest memory, exactly what a hostile guest controls, and the device
 //! processes it. Nothing here may panic, hang or touch memory outside the
-//! guest's.
+//! guest's. Built only with the `fuzzing` feature.
 
 use std::fs::File;
 use std::io::Cursor;
@@ -12,20 +12,18 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::devices::bus::BusDevice;
 use crate::devices::virtio::block::Block;
-use crate::devices::virtio::mmio::{reg, status, MmioTransport};
 use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::test_utils::{seqpacket_pair, Driver, Ring};
 use crate::devices::virtio::vsock::packet::parse_from;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::vstate::memory::create_guest_memory;
 
 const MEM_SIZE: u64 = 1 << 20;
-const QUEUE_SIZE: u64 = 16;
+const QUEUE_SIZE: u16 = 16;
 const DESC: u64 = 0x1000;
 const AVAIL: u64 = 0x1100;
 const USED: u64 = 0x1200;
@@ -34,13 +32,9 @@ const DATA: u64 = 0x2000;
 const DESC_BYTES: usize = 16 * QUEUE_SIZE as usize;
 const AVAIL_BYTES: usize = 4 + 2 * QUEUE_SIZE as usize;
 
-fn write32(t: &mut MmioTransport, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
-}
-
-/// Lays `data` out as queue `q`'s rings and buffers (every queue of the
-/// device shares them) and activates the device.
-fn setup(device: Box<dyn VirtioDevice>, data: &[u8]) -> Option<(MmioTransport, GuestMemoryMmap)> {
+/// Lays `data` out as the rings and buffers that every queue of the device
+/// shares, and activates the device.
+fn setup(device: Box<dyn VirtioDevice>, data: &[u8]) -> Option<Driver> {
     let mem: GuestMemoryMmap = create_guest_memory(MEM_SIZE).ok()?;
     let (desc, rest) = data.split_at(data.len().min(DESC_BYTES));
     let (avail, bufs) = rest.split_at(rest.len().min(AVAIL_BYTES));
@@ -51,32 +45,9 @@ fn setup(device: Box<dyn VirtioDevice>, data: &[u8]) -> Option<(MmioTransport, G
 
     let features = device.features() | VIRTIO_F_VERSION_1;
     let queues = device.queue_max_sizes().len();
-    let irq = EventFd::new(EFD_NONBLOCK).ok()?;
-    let mut t = MmioTransport::new(device, mem.clone(), irq).ok()?;
-    write32(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-    write32(&mut t, reg::DRIVER_FEATURES_SEL, 0);
-    write32(&mut t, reg::DRIVER_FEATURES, features as u32);
-    write32(&mut t, reg::DRIVER_FEATURES_SEL, 1);
-    write32(&mut t, reg::DRIVER_FEATURES, (features >> 32) as u32);
-    write32(
-        &mut t,
-        reg::STATUS,
-        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-    );
-    for q in 0..queues as u32 {
-        write32(&mut t, reg::QUEUE_SEL, q);
-        write32(&mut t, reg::QUEUE_NUM, QUEUE_SIZE as u32);
-        write32(&mut t, reg::QUEUE_DESC_LOW, DESC as u32);
-        write32(&mut t, reg::QUEUE_DRIVER_LOW, AVAIL as u32);
-        write32(&mut t, reg::QUEUE_DEVICE_LOW, USED as u32);
-        write32(&mut t, reg::QUEUE_READY, 1);
-    }
-    write32(
-        &mut t,
-        reg::STATUS,
-        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
-    );
-    t.is_activated().then_some((t, mem))
+    let mut d = Driver::try_new(device, mem).ok()?;
+    let ring = Ring::new(DESC, AVAIL, USED, QUEUE_SIZE);
+    d.bring_up(features, &vec![&ring; queues]).then_some(d)
 }
 
 /// The used ring's index: how many chains the device completed.
@@ -104,17 +75,17 @@ pub fn block_queue(data: &[u8]) -> Option<u16> {
     let file = memfd_image(64 * 1024)?;
     let read_only = data.first().is_some_and(|b| b & 1 == 1);
     let dev = Block::from_file(file, read_only, "fuzz").ok()?;
-    let (mut t, mem) = setup(Box::new(dev), data.get(1..).unwrap_or(&[]))?;
-    t.handle_queue_event(0);
-    Some(used_idx(&mem))
+    let mut d = setup(Box::new(dev), data.get(1..).unwrap_or(&[]))?;
+    d.notify(0);
+    Some(used_idx(&d.mem))
 }
 
 /// Generic descriptor-chain walking (the rng device writes to every
 /// writable buffer it is given).
 pub fn virtqueue(data: &[u8]) -> Option<u16> {
-    let (mut t, mem) = setup(Box::new(Rng::new()), data)?;
-    t.handle_queue_event(0);
-    Some(used_idx(&mem))
+    let mut d = setup(Box::new(Rng::new()), data)?;
+    d.notify(0);
+    Some(used_idx(&d.mem))
 }
 
 thread_local! {
@@ -137,10 +108,10 @@ fn vsock_dir() -> PathBuf {
 pub fn vsock_packet(data: &[u8]) -> Option<u16> {
     let _ = parse_from(&mut Cursor::new(data));
     let dev = Vsock::new(3, &vsock_dir().join("v.sock")).ok()?;
-    let (mut t, mem) = setup(Box::new(dev), data)?;
-    t.handle_queue_event(1);
-    t.handle_queue_event(0);
-    Some(used_idx(&mem))
+    let mut d = setup(Box::new(dev), data)?;
+    d.notify(1);
+    d.notify(0);
+    Some(used_idx(&d.mem))
 }
 
 /// virtio-net: the same bytes as the TX queue (chains walked, bounded and
@@ -153,38 +124,19 @@ pub fn net_queue(data: &[u8]) -> Option<u16> {
     let dev = Net::new(Tap::from_fd(ours, "fuzz").ok()?, None).ok()?;
     let tap_fd = dev.tap_fd();
     let rx_more_fd = dev.rx_more_fd();
-    let (mut t, mem) = setup(Box::new(dev), data)?;
-    t.handle_queue_event(1);
+    let mut d = setup(Box::new(dev), data)?;
+    d.notify(1);
     for len in [60usize, 1600] {
         let _ = peer.write(&vec![0x5a; len]);
     }
-    t.handle_host_event(tap_fd, vmm_sys_util::epoll::EventSet::IN);
+    d.transport
+        .handle_host_event(tap_fd, vmm_sys_util::epoll::EventSet::IN);
     // The budget's wake-up, as the loop delivers it (whether or not it was
     // written: a spurious one must be harmless too).
-    t.handle_host_event(rx_more_fd, vmm_sys_util::epoll::EventSet::IN);
-    t.handle_queue_event(0);
-    Some(used_idx(&mem))
-}
-
-/// A non-blocking `SOCK_SEQPACKET` socket pair: one end stands in for a
-/// tap (one frame per read and write), the other is the host's. Also used by
-/// virtio-net's unit tests.
-pub(crate) fn seqpacket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0i32; 2];
-    // SAFETY: socketpair writes two fds into `fds`, a valid 2-element array.
-    let rc = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: both fds are new and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    d.transport
+        .handle_host_event(rx_more_fd, vmm_sys_util::epoll::EventSet::IN);
+    d.notify(0);
+    Some(used_idx(&d.mem))
 }
 
 /// Removes this thread's vsock directory (call when done).

@@ -11,6 +11,7 @@ pub mod boot;
 pub mod config;
 pub mod devices;
 pub mod exit;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod hardening;
 pub mod probe;

@@ -12,15 +12,14 @@ use std::time::{Duration, Instant};
 use nutshell_vmm::devices::bus::BusDevice;
 use nutshell_vmm::devices::virtio::fs::{Fs, QUEUE_SIZE};
 use nutshell_vmm::devices::virtio::mmio::{reg, status};
+use nutshell_vmm::devices::virtio::test_utils::{Driver, Ring};
 use nutshell_vmm::devices::virtio::{INT_VRING, TYPE_FS, VIRTIO_F_VERSION_1};
 use nutshell_vmm::vstate::memory::create_guest_memory;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 
 mod common;
-use common::driver::Driver;
 use common::payload::{bring_up_regs, Asm};
-use common::ring::Ring;
 use common::{is_root, kvm_usable, require, run_config, run_payload};
 
 const FILE_NAME: &str = "hello.txt";
@@ -135,8 +134,8 @@ impl Guest {
     /// What Linux's virtio-mmio + virtio-fs drivers do, with fresh rings at
     /// `bases`.
     fn bring_up(&mut self, bases: [u64; 2]) {
-        self.d.negotiate_all();
-        assert!(self.d.features_ok());
+        let f = self.d.device_features();
+        assert!(self.d.negotiate(f));
         for (i, base) in bases.into_iter().enumerate() {
             self.d
                 .mem
@@ -147,7 +146,10 @@ impl Guest {
             assert_eq!(max, u32::from(QUEUE_SIZE));
         }
         self.d.driver_ok();
-        assert!(self.d.t.is_activated(), "the device did not activate");
+        assert!(
+            self.d.transport.is_activated(),
+            "the device did not activate"
+        );
         assert_eq!(self.d.read(reg::STATUS) & status::NEEDS_RESET, 0);
     }
 
@@ -220,10 +222,10 @@ impl Guest {
         // SAFETY: one valid pollfd, for the length we pass.
         let n = unsafe { libc::poll(&mut p, 1, 10_000) };
         assert_eq!(n, 1, "virtiofsd did not signal queue {queue} within 10 s");
-        self.d.t.interrupt().ack(u32::MAX);
-        self.d.t.handle_host_event(fd, EventSet::IN);
+        self.d.transport.interrupt().ack(u32::MAX);
+        self.d.transport.handle_host_event(fd, EventSet::IN);
         assert_eq!(self.d.read(reg::INTERRUPT_STATUS) & INT_VRING, INT_VRING);
-        assert!(self.d.t.interrupt().irqfd().read().unwrap() >= 1);
+        assert!(self.d.transport.interrupt().irqfd().read().unwrap() >= 1);
         self.d.write(reg::INTERRUPT_ACK, INT_VRING);
     }
 
@@ -265,7 +267,7 @@ fn fuse_init_and_lookup_through_a_real_virtiofsd() {
     let daemon = Virtiofsd::start();
     let mut g = Guest::new(&daemon.socket);
     assert_eq!(g.d.read(reg::DEVICE_ID), TYPE_FS);
-    let f = g.d.features();
+    let f = g.d.device_features();
     assert_ne!(f & VIRTIO_F_VERSION_1, 0);
     assert_eq!(
         f & (1 << 30),
@@ -273,7 +275,7 @@ fn fuse_init_and_lookup_through_a_real_virtiofsd() {
         "VHOST_USER_F_PROTOCOL_FEATURES reached the guest"
     );
     let mut cfg = [0u8; 40];
-    g.d.t.read(reg::CONFIG, &mut cfg);
+    g.d.transport.read(reg::CONFIG, &mut cfg);
     assert_eq!(&cfg[..9], b"nutshell\0");
     assert_eq!(u32::from_le_bytes(cfg[36..].try_into().unwrap()), 1);
 
@@ -348,7 +350,7 @@ fn reset_and_reactivation_keep_working() {
     // The driver resets the device (module reload, kexec, ...) and brings
     // it up again on rings elsewhere.
     g.d.write(reg::STATUS, 0);
-    assert!(!g.d.t.is_activated());
+    assert!(!g.d.transport.is_activated());
     g.bring_up([0x4_0000, 0x5_0000]);
     // A driver that probes again starts its FUSE session again.
     assert_eq!(g.init(), (0, 7));
@@ -368,12 +370,13 @@ fn a_backend_that_dies_stops_the_device_not_the_vmm() {
     // Activation now fails: the device asks for a reset instead of
     // running, and nothing hangs or panics.
     let started = Instant::now();
-    g.d.negotiate_all();
+    let f = g.d.device_features();
+    g.d.negotiate(f);
     for (i, base) in [0x1_0000, 0x2_0000].into_iter().enumerate() {
         g.d.setup_queue(i as u32, &Ring::at(base, QSIZE));
     }
     g.d.driver_ok();
-    assert!(!g.d.t.is_activated());
+    assert!(!g.d.transport.is_activated());
     assert_ne!(g.d.read(reg::STATUS) & status::NEEDS_RESET, 0);
     g.d.write(reg::STATUS, 0);
     assert!(started.elapsed() < Duration::from_secs(5));

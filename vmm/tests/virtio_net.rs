@@ -17,15 +17,14 @@ use nutshell_vmm::devices::virtio::mmio::reg;
 use nutshell_vmm::devices::virtio::net::{
     MacAddr, Net, StatsHandle, Tap, TapError, QUEUE_SIZE, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS,
 };
+use nutshell_vmm::devices::virtio::test_utils::{Driver, Ring};
 use nutshell_vmm::devices::virtio::{INT_VRING, TYPE_NET, VIRTIO_F_VERSION_1};
 use nutshell_vmm::vstate::memory::create_guest_memory;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 
 mod common;
-use common::driver::Driver;
 use common::payload::{bring_up_regs, Asm};
-use common::ring::Ring;
 use common::{is_root, kvm_usable, require, run_config, run_payload};
 
 const QSIZE: u16 = 32;
@@ -206,21 +205,24 @@ impl Guest {
     /// What Linux's virtio-mmio and virtio-net drivers do.
     fn bring_up(&mut self) {
         assert_eq!(self.d.read(reg::DEVICE_ID), TYPE_NET);
-        let f = self.d.negotiate_all();
+        let f = self.d.device_features();
         assert_eq!(
             f,
             VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
         );
-        assert!(self.d.features_ok());
+        assert!(self.d.negotiate(f));
         let mut mac = [0u8; 6];
-        self.d.t.read(reg::CONFIG, &mut mac);
+        self.d.transport.read(reg::CONFIG, &mut mac);
         assert_eq!(mac, MAC.0, "config space MAC");
         for (i, ring) in [&self.rx, &self.tx].into_iter().enumerate() {
             let max = self.d.setup_queue(i as u32, ring);
             assert_eq!(max, u32::from(QUEUE_SIZE));
         }
         self.d.driver_ok();
-        assert!(self.d.t.is_activated(), "the device did not activate");
+        assert!(
+            self.d.transport.is_activated(),
+            "the device did not activate"
+        );
     }
 
     /// The buffer of RX descriptor `idx`.
@@ -293,7 +295,9 @@ impl Guest {
             let ms = left.as_millis().min(100) as i32;
             // SAFETY: poll reads and writes one valid pollfd for at most `ms` ms.
             unsafe { libc::poll(&mut pfd, 1, ms) };
-            self.d.t.handle_host_event(self.tap_fd, EventSet::IN);
+            self.d
+                .transport
+                .handle_host_event(self.tap_fd, EventSet::IN);
         }
     }
 }

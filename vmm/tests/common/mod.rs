@@ -1,7 +1,7 @@
 //! What the VMM's integration tests share: prerequisite checks, the
-//! `nutshell-vmm` binary, a guest-side virtio-mmio driver with hand-laid
-//! rings, and the pieces of the tiny CPL3 payloads that drive devices on
-//! real KVM.
+//! `nutshell-vmm` binary, and the pieces of the tiny CPL3 payloads that
+//! drive devices on real KVM. The guest-side virtio-mmio driver and rings
+//! are the library's (`devices::virtio::test_utils`, `test-utils` feature).
 //!
 //! `require` follows the same rule as `nutshell_tests::require`, kept here so
 //! this crate needs no dependency on the test-harness crate (which depends on
@@ -10,9 +10,7 @@
 // Each test binary compiles this module and uses a subset of it.
 #![allow(dead_code)]
 
-pub mod driver;
 pub mod payload;
-pub mod ring;
 
 use std::process::{Command, Output};
 

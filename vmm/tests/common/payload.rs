@@ -5,7 +5,7 @@
 
 use nutshell_vmm::devices::virtio::mmio::{reg, status};
 
-use super::driver::NEGOTIATED;
+use nutshell_vmm::devices::virtio::test_utils::NEGOTIATED;
 
 /// The guest address of the first virtio-mmio window.
 pub const MMIO_BASE: u32 = 0xd000_0000;
@@ -18,7 +18,7 @@ const AT_RBX: u8 = 0x83;
 /// The register writes of a driver that brings a device up: ACKNOWLEDGE,
 /// DRIVER, the (DriverFeaturesSel, DriverFeatures) pairs of `features`,
 /// FEATURES_OK, queue `i` with `size` entries on rings at `bases[i]` (the
-/// layout of `ring::Ring::at`), DRIVER_OK, then a QueueNotify for each of
+/// layout of `test_utils::Ring::at`), DRIVER_OK, then a QueueNotify for each of
 /// `notify`.
 pub fn bring_up_regs(
     features: &[(u32, u32)],

@@ -398,11 +398,11 @@ impl MutEventSubscriber for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::test_utils::{Driver, TestDevice};
+    use crate::devices::virtio::test_utils::{Driver, Ring, TestDevice};
 
     #[test]
     fn identifies_as_virtio_1_mmio() {
-        let mut d = Driver::new(Box::new(TestDevice::new(&[16])));
+        let mut d = Driver::with_test_device(TestDevice::new(&[16]));
         assert_eq!(d.read(reg::MAGIC), MMIO_MAGIC);
         assert_eq!(d.read(reg::VERSION), 2);
         assert_eq!(d.read(reg::DEVICE_ID), 99);
@@ -414,51 +414,29 @@ mod tests {
 
     #[test]
     fn feature_negotiation_accepts_a_subset_and_refuses_more() {
-        let mut d = Driver::new(Box::new(TestDevice::new(&[16])));
-        d.write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        d.write(reg::DEVICE_FEATURES_SEL, 0);
-        assert_eq!(d.read(reg::DEVICE_FEATURES), 0b101);
-        d.write(reg::DEVICE_FEATURES_SEL, 1);
-        assert_eq!(d.read(reg::DEVICE_FEATURES), 1, "VERSION_1");
+        let mut d = Driver::with_test_device(TestDevice::new(&[16]));
+        assert_eq!(d.device_features(), 0b101 | VIRTIO_F_VERSION_1);
         // Ask for bit 1, which is not offered.
-        d.ack_features(0b010 | VIRTIO_F_VERSION_1);
-        d.write(
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
-        assert_eq!(d.read(reg::STATUS) & status::FEATURES_OK, 0);
+        assert!(!d.negotiate(0b010 | VIRTIO_F_VERSION_1));
 
-        let mut d = Driver::new(Box::new(TestDevice::new(&[16])));
-        d.write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        d.ack_features(0b100 | VIRTIO_F_VERSION_1);
-        d.write(
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
-        assert_ne!(d.read(reg::STATUS) & status::FEATURES_OK, 0);
+        let mut d = Driver::with_test_device(TestDevice::new(&[16]));
+        assert!(d.negotiate(0b100 | VIRTIO_F_VERSION_1));
         assert_eq!(d.transport.acked_features(), 0b100 | VIRTIO_F_VERSION_1);
         // Without VERSION_1 (a legacy driver) negotiation fails.
-        let mut d = Driver::new(Box::new(TestDevice::new(&[16])));
-        d.write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        d.ack_features(0b100);
-        d.write(
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
-        assert_eq!(d.read(reg::STATUS) & status::FEATURES_OK, 0);
+        let mut d = Driver::with_test_device(TestDevice::new(&[16]));
+        assert!(!d.negotiate(0b100));
     }
 
     #[test]
     fn queue_setup_activates_and_notifies() {
-        let mut d = Driver::new(Box::new(TestDevice::new(&[16, 8])));
-        d.negotiate(VIRTIO_F_VERSION_1);
+        let mut d = Driver::with_test_device(TestDevice::new(&[16, 8]));
+        assert!(d.negotiate(VIRTIO_F_VERSION_1));
         d.write(reg::QUEUE_SEL, 1);
         assert_eq!(d.read(reg::QUEUE_NUM_MAX), 8);
         d.write(reg::QUEUE_SEL, 0);
         assert_eq!(d.read(reg::QUEUE_NUM_MAX), 16);
         // A size that is not a power of two falls back to the maximum.
-        d.write(reg::QUEUE_NUM, 12);
-        d.setup_queue(0, 0x1_0000);
+        d.setup_queue(0, &Ring::at(0x1_0000, 12));
         d.driver_ok();
         assert!(d.transport.is_activated());
         assert_eq!(d.probe().lock().unwrap().activations, 1);
@@ -476,10 +454,10 @@ mod tests {
     fn queues_served_elsewhere_keep_their_kicks() {
         let mut dev = TestDevice::new(&[16, 16]);
         dev.external = true;
-        let mut d = Driver::new(Box::new(dev));
-        d.negotiate(VIRTIO_F_VERSION_1);
-        d.setup_queue(0, 0x1_0000);
-        d.setup_queue(1, 0x2_0000);
+        let mut d = Driver::with_test_device(dev);
+        assert!(d.negotiate(VIRTIO_F_VERSION_1));
+        d.setup_queue(0, &Ring::at(0x1_0000, 16));
+        d.setup_queue(1, &Ring::at(0x2_0000, 16));
         d.driver_ok();
         let fds: Vec<i32> = d
             .transport
@@ -501,9 +479,9 @@ mod tests {
 
     #[test]
     fn rings_outside_memory_do_not_activate() {
-        let mut d = Driver::new(Box::new(TestDevice::new(&[16])));
-        d.negotiate(VIRTIO_F_VERSION_1);
-        d.setup_queue(0, 0xffff_0000_0000);
+        let mut d = Driver::with_test_device(TestDevice::new(&[16]));
+        assert!(d.negotiate(VIRTIO_F_VERSION_1));
+        d.setup_queue(0, &Ring::at(0xffff_0000_0000, 16));
         d.driver_ok();
         assert!(!d.transport.is_activated());
         assert_ne!(d.read(reg::STATUS) & status::NEEDS_RESET, 0);
@@ -511,9 +489,9 @@ mod tests {
 
     #[test]
     fn status_reset_clears_everything() {
-        let mut d = Driver::new(Box::new(TestDevice::new(&[16])));
-        d.negotiate(VIRTIO_F_VERSION_1);
-        d.setup_queue(0, 0x1_0000);
+        let mut d = Driver::with_test_device(TestDevice::new(&[16]));
+        assert!(d.negotiate(VIRTIO_F_VERSION_1));
+        d.setup_queue(0, &Ring::at(0x1_0000, 16));
         d.driver_ok();
         d.transport.interrupt().trigger(1);
         assert_eq!(d.read(reg::INTERRUPT_STATUS), 1);
@@ -524,15 +502,15 @@ mod tests {
         assert!(!d.transport.is_activated());
         assert_eq!(d.probe().lock().unwrap().resets, 1);
         // And it can be brought up again.
-        d.negotiate(VIRTIO_F_VERSION_1);
-        d.setup_queue(0, 0x1_0000);
+        assert!(d.negotiate(VIRTIO_F_VERSION_1));
+        d.setup_queue(0, &Ring::at(0x1_0000, 16));
         d.driver_ok();
         assert_eq!(d.probe().lock().unwrap().activations, 2);
     }
 
     #[test]
     fn interrupt_ack_clears_only_acked_bits() {
-        let d = Driver::new(Box::new(TestDevice::new(&[16])));
+        let d = Driver::with_test_device(TestDevice::new(&[16]));
         d.transport.interrupt().trigger(3);
         let mut d = d;
         d.write(reg::INTERRUPT_ACK, 1);

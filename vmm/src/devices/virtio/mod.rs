@@ -9,8 +9,8 @@ pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;
-#[cfg(test)]
-pub(crate) mod test_utils;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 pub mod vsock;
 
 use std::os::fd::RawFd;
@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use event_manager::EventOps;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -77,6 +77,21 @@ impl Interrupt {
     /// The irqfd (tests read it to see interrupts).
     pub fn irqfd(&self) -> &EventFd {
         &self.irqfd
+    }
+}
+
+/// Interrupts the driver after a round that added to `queue`'s used ring
+/// (`used_any`), unless the driver said it needs no interrupt yet
+/// (`VIRTIO_RING_F_EVENT_IDX`). A ring we cannot read gets the interrupt:
+/// a spurious one is harmless, a lost one stalls the driver.
+pub fn signal_used_queue(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    irq: &Interrupt,
+    used_any: bool,
+) {
+    if used_any && queue.needs_notification(mem).unwrap_or(true) {
+        irq.trigger(INT_VRING);
     }
 }
 

@@ -14,7 +14,9 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::TYPE_BLOCK;
-use super::{read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, INT_VRING};
+use super::{
+    read_config_bytes, signal_used_queue, ActivateError, Activation, Interrupt, VirtioDevice,
+};
 use request::*;
 
 /// The disk is read-only.
@@ -176,9 +178,7 @@ impl VirtioDevice for Block {
             }
             used_any = true;
         }
-        if used_any && queue.needs_notification(&mem).unwrap_or(true) {
-            irq.trigger(INT_VRING);
-        }
+        signal_used_queue(&mut queue, &mem, &irq, used_any);
         self.active = Some((mem, queue, irq));
     }
 
@@ -190,13 +190,10 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::test_utils::{test_memory, Driver};
+    use crate::devices::virtio::test_utils::{test_memory, Driver, Ring};
     use crate::devices::virtio::VIRTIO_F_VERSION_1;
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-    use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
-    const WRITE: u16 = 2;
     const HDR: u64 = 0x100000;
     const DATA: u64 = 0x200000;
     const STATUS: u64 = 0x300000;
@@ -204,10 +201,9 @@ mod tests {
     struct Rig {
         mem: GuestMemoryMmap,
         driver: Driver,
+        ring: Ring,
         _file: tempfile::NamedTempFile,
         path: std::path::PathBuf,
-        rings: (u64, u64, u64),
-        next: u16,
     }
 
     fn rig(read_only: bool) -> Rig {
@@ -220,23 +216,17 @@ mod tests {
         let mem = test_memory();
         let dev = Block::open(file.path(), read_only).unwrap();
         assert_eq!(dev.sectors(), 8);
-        let mut driver = Driver::with_device(Box::new(dev), mem.clone());
-        let mock = MockSplitQueue::create(&mem, GuestAddress(0x10000), 256);
-        let rings = (
-            mock.desc_table_addr().0,
-            mock.avail_addr().0,
-            mock.used_addr().0,
-        );
+        let mut driver = Driver::new(Box::new(dev), mem.clone());
+        let ring = Ring::at(0x10000, QUEUE_SIZE);
         let features =
             VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | if read_only { VIRTIO_BLK_F_RO } else { 0 };
-        driver.activate_with_mock_queues(features, &[rings]);
+        assert!(driver.bring_up(features, &[&ring]));
         Rig {
             mem,
             driver,
+            ring,
             path: file.path().into(),
             _file: file,
-            rings,
-            next: 0,
         }
     }
 
@@ -256,52 +246,15 @@ mod tests {
             };
             self.mem.write_obj(hdr, GuestAddress(HDR)).unwrap();
             self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-            let mut descs = vec![RawDescriptor::from(SplitDescriptor::new(HDR, 16, 0, 0))];
+            let mut chain = vec![(HDR, 16, false)];
             if data_len > 0 {
-                let f = if data_writable { WRITE } else { 0 };
-                descs.push(RawDescriptor::from(SplitDescriptor::new(
-                    DATA, data_len, f, 0,
-                )));
+                chain.push((DATA, data_len, data_writable));
             }
-            descs.push(RawDescriptor::from(SplitDescriptor::new(
-                STATUS, 1, WRITE, 0,
-            )));
-            // Lay the chain out by hand from descriptor `next` on: the mock
-            // driver set the rings up once and would reset their indexes.
-            let (desc, avail, used) = self.rings;
-            let base = self.next;
-            for (i, d) in descs.iter().enumerate() {
-                let d = SplitDescriptor::from(*d);
-                let last = i + 1 == descs.len();
-                let flags = if last { d.flags() } else { d.flags() | 1 };
-                let next = if last { 0 } else { base + i as u16 + 1 };
-                let raw =
-                    RawDescriptor::from(SplitDescriptor::new(d.addr().0, d.len(), flags, next));
-                self.mem
-                    .write_obj(raw, GuestAddress(desc + 16 * u64::from(base + i as u16)))
-                    .unwrap();
-            }
-            self.next += descs.len() as u16;
-            let avail_idx: u16 = self.mem.read_obj(GuestAddress(avail + 2)).unwrap();
-            let slot = u64::from(avail_idx % 256);
-            self.mem
-                .write_obj(base, GuestAddress(avail + 4 + 2 * slot))
-                .unwrap();
-            self.mem
-                .write_obj(avail_idx.wrapping_add(1), GuestAddress(avail + 2))
-                .unwrap();
+            chain.push((STATUS, 1, true));
+            let head = self.ring.push(&self.mem, &chain);
             self.driver.notify(0);
-            let used_idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
-            assert_eq!(used_idx, avail_idx.wrapping_add(1), "request completed");
-            let id: u32 = self
-                .mem
-                .read_obj(GuestAddress(used + 4 + 8 * slot))
-                .unwrap();
-            let len: u32 = self
-                .mem
-                .read_obj(GuestAddress(used + 8 + 8 * slot))
-                .unwrap();
-            assert_eq!(id, u32::from(base));
+            let (id, len) = self.ring.pop_used(&self.mem).expect("request completed");
+            assert_eq!(id, u32::from(head));
             (self.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), len)
         }
     }

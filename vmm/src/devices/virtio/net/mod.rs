@@ -38,7 +38,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, INT_VRING, TYPE_NET,
+    read_config_bytes, signal_used_queue, ActivateError, Activation, Interrupt, VirtioDevice,
+    TYPE_NET,
 };
 use frame::{tx_frame, write_rx_frame, RxError, MAX_FRAME_LEN};
 pub use mac::MacAddr;
@@ -236,9 +237,7 @@ impl Net {
             }
             used_any = true;
         }
-        if used_any && a.tx.needs_notification(&a.mem).unwrap_or(true) {
-            a.irq.trigger(INT_VRING);
-        }
+        signal_used_queue(&mut a.tx, &a.mem, &a.irq, used_any);
     }
 
     /// Moves frames from the tap to the guest until the tap is empty, the
@@ -317,9 +316,7 @@ impl Net {
             }
             *rx_pending = None;
         }
-        if used_any && a.rx.needs_notification(&a.mem).unwrap_or(true) {
-            a.irq.trigger(INT_VRING);
-        }
+        signal_used_queue(&mut a.rx, &a.mem, &a.irq, used_any);
     }
 }
 

@@ -18,7 +18,7 @@ use super::frame::{NetHeader, ETH_HLEN, MAX_FRAME_LEN, NET_HDR_LEN};
 use super::*;
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::{reg, status};
-use crate::devices::virtio::test_utils::{test_memory, Driver, RawQueue};
+use crate::devices::virtio::test_utils::{test_memory, Driver, Ring};
 use crate::devices::virtio::{INT_VRING, VIRTIO_F_VERSION_1};
 
 const MAC: MacAddr = MacAddr([0x02, 0x11, 0x22, 0x33, 0x44, 0x55]);
@@ -29,15 +29,15 @@ const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATU
 
 /// A stand-in tap and the host's end of it.
 fn seqpacket_pair() -> (OwnedFd, File) {
-    let (ours, host) = crate::fuzzing::seqpacket_pair().unwrap();
+    let (ours, host) = crate::devices::virtio::test_utils::seqpacket_pair().unwrap();
     (ours, File::from(host))
 }
 
 struct Guest {
     mem: GuestMemoryMmap,
     d: Driver,
-    rx: RawQueue,
-    tx: RawQueue,
+    rx: Ring,
+    tx: Ring,
     tap_fd: RawFd,
     rx_more_fd: RawFd,
     stats: StatsHandle,
@@ -63,10 +63,10 @@ impl Guest {
         let rx_more_fd = dev.rx_more_fd();
         let stats = dev.stats_handle();
         let mem = test_memory();
-        let mut d = Driver::with_device(Box::new(dev), mem.clone());
-        let rx = RawQueue::new(&mem, 0x10_000, QUEUE_SIZE);
-        let tx = RawQueue::new(&mem, 0x20_000, QUEUE_SIZE);
-        d.activate_with_mock_queues(FEATURES, &[rx.rings(), tx.rings()]);
+        let mut d = Driver::new(Box::new(dev), mem.clone());
+        let rx = Ring::at(0x10_000, QUEUE_SIZE);
+        let tx = Ring::at(0x20_000, QUEUE_SIZE);
+        assert!(d.bring_up(FEATURES, &[&rx, &tx]));
         Guest {
             mem,
             d,
@@ -89,7 +89,7 @@ impl Guest {
         for _ in 0..n {
             let addr = Self::rx_addr(self.rx_posted);
             self.rx_posted += 1;
-            self.rx.add_chain(&[(addr, RX_BUF_LEN, true)]);
+            self.rx.push(&self.mem, &[(addr, RX_BUF_LEN, true)]);
         }
         self.d.notify(RXQ);
     }
@@ -130,7 +130,7 @@ impl Guest {
     /// Frames the guest received since the last call: (header, frame).
     fn received(&mut self) -> Vec<(NetHeader, Vec<u8>)> {
         let mut out = Vec::new();
-        for (id, len) in self.rx.take_used() {
+        for (id, len) in self.rx.take_used(&self.mem) {
             // One descriptor per chain, posted in order: id = buffer number.
             let addr = Self::rx_addr(u64::from(id));
             let hdr: NetHeader = self.mem.read_obj(GuestAddress(addr)).unwrap();
@@ -145,9 +145,9 @@ impl Guest {
 
     /// Puts `chain` on TX and notifies; returns the used entries.
     fn send_chain(&mut self, chain: &[(u64, u32, bool)]) -> Vec<(u32, u32)> {
-        self.tx.add_chain(chain);
+        self.tx.push(&self.mem, chain);
         self.d.notify(TXQ);
-        self.tx.take_used()
+        self.tx.take_used(&self.mem)
     }
 
     /// A frame behind a header in one TX buffer.
@@ -184,7 +184,7 @@ impl Guest {
 fn identifies_as_a_network_card_with_mac_and_link_up() {
     let (fd, _host) = seqpacket_pair();
     let dev = Net::new(Tap::from_fd(fd, "t").unwrap(), Some(MAC)).unwrap();
-    let mut d = Driver::with_device(Box::new(dev), test_memory());
+    let mut d = Driver::new(Box::new(dev), test_memory());
     assert_eq!(d.read(reg::DEVICE_ID), 1);
     d.write(reg::DEVICE_FEATURES_SEL, 0);
     assert_eq!(
@@ -226,7 +226,7 @@ fn features_we_do_not_offer_are_refused() {
     for extra in [MRG_RXBUF, CSUM, GUEST_TSO4] {
         let (fd, _host) = seqpacket_pair();
         let dev = Net::new(Tap::from_fd(fd, "t").unwrap(), None).unwrap();
-        let mut d = Driver::with_device(Box::new(dev), test_memory());
+        let mut d = Driver::new(Box::new(dev), test_memory());
         d.write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
         d.ack_features(FEATURES | extra);
         d.write(
@@ -237,7 +237,7 @@ fn features_we_do_not_offer_are_refused() {
     }
     // MAC alone (no STATUS) is a valid subset.
     let (fd, _host) = seqpacket_pair();
-    let mut d = Driver::with_device(
+    let mut d = Driver::new(
         Box::new(Net::new(Tap::from_fd(fd, "t").unwrap(), None).unwrap()),
         test_memory(),
     );
@@ -394,12 +394,12 @@ fn without_rx_buffers_frames_wait_and_flow_when_the_guest_posts() {
 fn rx_frames_too_big_for_the_buffer_are_dropped_and_the_buffer_kept() {
     let mut g = Guest::new();
     // A buffer with room for header + 100 bytes, over two descriptors.
-    g.rx.add_chain(&[(RX_BUFS, 12, true), (RX_BUFS + 12, 100, true)]);
+    g.rx.push(&g.mem, &[(RX_BUFS, 12, true), (RX_BUFS + 12, 100, true)]);
     g.d.notify(RXQ);
     g.host_send(&frame(101, 1));
     g.host_send(&frame(100, 2));
     g.tap_readable();
-    let used = g.rx.take_used();
+    let used = g.rx.take_used(&g.mem);
     assert_eq!(used, vec![(0, 112)]);
     let mut got = vec![0u8; 100];
     g.mem
@@ -408,11 +408,11 @@ fn rx_frames_too_big_for_the_buffer_are_dropped_and_the_buffer_kept() {
     assert_eq!(got, frame(100, 2));
     assert_eq!(g.stats().rx_dropped, 1);
     // A buffer outside guest memory is handed back empty.
-    g.rx.add_chain(&[(0xffff_0000_0000, 2000, true)]);
+    g.rx.push(&g.mem, &[(0xffff_0000_0000, 2000, true)]);
     g.d.notify(RXQ);
     g.host_send(&frame(ETH_HLEN, 3));
     g.tap_readable();
-    assert_eq!(g.rx.take_used(), vec![(2, 0)]);
+    assert_eq!(g.rx.take_used(&g.mem), vec![(2, 0)]);
     assert_eq!(g.stats().rx_dropped, 2);
 }
 
@@ -427,9 +427,9 @@ fn reset_drops_the_waiting_frame_and_the_device_comes_back() {
     // Frames sent while the device is down wait on the tap.
     g.host_send(&frame(90, 2));
     g.tap_readable();
-    let rx = RawQueue::new(&g.mem, 0x30_000, QUEUE_SIZE);
-    let tx = RawQueue::new(&g.mem, 0x50_000, QUEUE_SIZE);
-    g.d.activate_with_mock_queues(FEATURES, &[rx.rings(), tx.rings()]);
+    let rx = Ring::at(0x30_000, QUEUE_SIZE);
+    let tx = Ring::at(0x50_000, QUEUE_SIZE);
+    assert!(g.d.bring_up(FEATURES, &[&rx, &tx]));
     g.rx = rx;
     g.tx = tx;
     g.rx_posted = 0;
@@ -484,7 +484,7 @@ fn a_flood_of_frames_too_big_to_deliver_still_yields_after_the_budget() {
     let mut g = Guest::new();
     // One buffer with room for header + 60 bytes: every 100-byte frame is
     // dropped and the buffer kept, so nothing stops the loop but the budget.
-    g.rx.add_chain(&[(RX_BUFS, (NET_HDR_LEN + 60) as u32, true)]);
+    g.rx.push(&g.mem, &[(RX_BUFS, (NET_HDR_LEN + 60) as u32, true)]);
     g.d.notify(RXQ);
     let total = 2 * RX_BUDGET + 3;
     for i in 0..total {
@@ -494,7 +494,7 @@ fn a_flood_of_frames_too_big_to_deliver_still_yields_after_the_budget() {
     let s = g.stats();
     assert_eq!((s.rx_dropped, s.rx_budget_exhausted), (RX_BUDGET as u64, 1));
     assert!(g.wants_more_rx());
-    assert!(g.rx.take_used().is_empty());
+    assert!(g.rx.take_used(&g.mem).is_empty());
     assert!(!g.interrupted());
 
     g.more_rx();
@@ -510,7 +510,7 @@ fn a_flood_of_frames_too_big_to_deliver_still_yields_after_the_budget() {
     // The kept buffer still takes a frame that fits.
     g.host_send(&frame(60, 9));
     g.tap_readable();
-    assert_eq!(g.rx.take_used(), vec![(0, (NET_HDR_LEN + 60) as u32)]);
+    assert_eq!(g.rx.take_used(&g.mem), vec![(0, (NET_HDR_LEN + 60) as u32)]);
     assert_eq!(g.stats().rx_frames, 1);
 }
 
@@ -566,7 +566,7 @@ fn in_a_real_event_loop_a_flood_shares_the_thread_and_is_drained_in_turns() {
     // The transport moves into the loop as vmm.rs registers it.
     let (fd, _host) = seqpacket_pair();
     let spare = Net::new(Tap::from_fd(fd, "spare").unwrap(), None).unwrap();
-    let spare = Driver::with_device(Box::new(spare), g.mem.clone()).transport;
+    let spare = Driver::new(Box::new(spare), g.mem.clone()).transport;
     let net: Arc<Mutex<dyn MutEventSubscriber + Send>> =
         Arc::new(Mutex::new(std::mem::replace(&mut g.d.transport, spare)));
     let other = Arc::new(Mutex::new(OtherDevice {

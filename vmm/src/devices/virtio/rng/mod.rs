@@ -7,7 +7,9 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::TYPE_RNG;
-use super::{read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, INT_VRING};
+use super::{
+    read_config_bytes, signal_used_queue, ActivateError, Activation, Interrupt, VirtioDevice,
+};
 
 const QUEUE_SIZE: u16 = 256;
 /// Most bytes handed out per descriptor chain; a guest cannot make us
@@ -94,9 +96,7 @@ impl VirtioDevice for Rng {
             }
             used_any = true;
         }
-        if used_any && queue.needs_notification(&*mem).unwrap_or(true) {
-            irq.trigger(INT_VRING);
-        }
+        signal_used_queue(queue, mem, irq, used_any);
     }
 
     fn reset(&mut self) {
@@ -107,70 +107,38 @@ impl VirtioDevice for Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::test_utils::{test_memory, Driver};
-    use crate::devices::virtio::VIRTIO_F_VERSION_1;
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-    use virtio_queue::mock::MockSplitQueue;
+    use crate::devices::virtio::test_utils::{test_memory, Driver, Ring};
+    use crate::devices::virtio::{INT_VRING, VIRTIO_F_VERSION_1};
     use vm_memory::GuestAddress;
 
-    const VRING_DESC_F_WRITE: u32 = 2;
+    /// An rng device on one queue of 16 at 0x10000, brought up.
+    fn rng() -> (Driver, Ring) {
+        let mut d = Driver::new(Box::new(Rng::new()), test_memory());
+        let ring = Ring::at(0x10000, 16);
+        assert!(d.bring_up(VIRTIO_F_VERSION_1, &[&ring]));
+        (d, ring)
+    }
 
     #[test]
     fn fills_writable_buffers_and_interrupts() {
-        let mem = test_memory();
-        let mock = MockSplitQueue::create(&mem, GuestAddress(0x10000), 16);
-        let descs = [
-            RawDescriptor::from(SplitDescriptor::new(
-                0x100000,
-                512,
-                VRING_DESC_F_WRITE as u16,
-                0,
-            )),
-            RawDescriptor::from(SplitDescriptor::new(
-                0x200000,
-                64,
-                VRING_DESC_F_WRITE as u16,
-                0,
-            )),
-        ];
-        mock.add_desc_chains(&descs, 0).unwrap();
-        let rings = (
-            mock.desc_table_addr().0,
-            mock.avail_addr().0,
-            mock.used_addr().0,
-        );
-
-        let mut d = Driver::with_device(Box::new(Rng::new()), mem.clone());
-        d.activate_with_mock_queues(VIRTIO_F_VERSION_1, &[rings]);
+        let (mut d, mut ring) = rng();
+        ring.push(&d.mem, &[(0x100000, 512, true)]);
+        ring.push(&d.mem, &[(0x200000, 64, true)]);
         d.notify(0);
 
-        assert_eq!(mock.used().idx().load(), 2);
-        let e0 = mock.used().ring().ref_at(0).unwrap().load();
-        assert_eq!((e0.id(), e0.len()), (0, 512));
+        assert_eq!(ring.take_used(&d.mem), vec![(0, 512), (1, 64)]);
         let mut a = [0u8; 512];
-        mem.read_slice(&mut a, GuestAddress(0x100000)).unwrap();
+        d.mem.read_slice(&mut a, GuestAddress(0x100000)).unwrap();
         assert!(a.iter().filter(|b| **b != 0).count() > 400, "random bytes");
         assert_eq!(d.transport.interrupt().status() & INT_VRING, INT_VRING);
     }
 
     #[test]
     fn read_only_buffers_get_nothing() {
-        let mem = test_memory();
-        let mock = MockSplitQueue::create(&mem, GuestAddress(0x10000), 16);
-        let descs = [RawDescriptor::from(SplitDescriptor::new(
-            0x100000, 512, 0, 0,
-        ))];
-        mock.add_desc_chains(&descs, 0).unwrap();
-        let rings = (
-            mock.desc_table_addr().0,
-            mock.avail_addr().0,
-            mock.used_addr().0,
-        );
-        let mut d = Driver::with_device(Box::new(Rng::new()), mem.clone());
-        d.activate_with_mock_queues(VIRTIO_F_VERSION_1, &[rings]);
+        let (mut d, mut ring) = rng();
+        ring.push(&d.mem, &[(0x100000, 512, false)]);
         d.notify(0);
-        let e0 = mock.used().ring().ref_at(0).unwrap().load();
-        assert_eq!(e0.len(), 0);
-        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x100000)).unwrap(), 0);
+        assert_eq!(ring.take_used(&d.mem), vec![(0, 0)]);
+        assert_eq!(d.mem.read_obj::<u64>(GuestAddress(0x100000)).unwrap(), 0);
     }
 }

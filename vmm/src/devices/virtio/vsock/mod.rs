@@ -16,7 +16,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
-use super::{ActivateError, Activation, Interrupt, VirtioDevice, INT_VRING, TYPE_VSOCK};
+use super::{signal_used_queue, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_VSOCK};
 use muxer::Muxer;
 use packet::{read_packet, rx_room, write_packet};
 
@@ -75,9 +75,7 @@ impl Vsock {
             }
             used_any = true;
         }
-        if used_any && a.tx.needs_notification(&a.mem).unwrap_or(true) {
-            a.irq.trigger(INT_VRING);
-        }
+        signal_used_queue(&mut a.tx, &a.mem, &a.irq, used_any);
     }
 
     fn process_rx(&mut self) {
@@ -106,9 +104,7 @@ impl Vsock {
             }
             used_any = true;
         }
-        if used_any && a.rx.needs_notification(&a.mem).unwrap_or(true) {
-            a.irq.trigger(INT_VRING);
-        }
+        signal_used_queue(&mut a.rx, &a.mem, &a.irq, used_any);
     }
 }
 

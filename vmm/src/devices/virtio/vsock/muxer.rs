@@ -5,7 +5,10 @@
 //!
 //! Flow control is the virtio-vsock credit scheme: we advertise
 //! [`CONN_BUF`] bytes of buffer per connection and never send the guest more
-//! than it advertised; a guest that overruns our buffer is reset.
+//! than it advertised. A guest that sends more than the credit we gave it
+//! (judged by the `fwd_cnt` it last received from us, not by how fast the
+//! host side happens to drain) is reset, as Firecracker does; that also
+//! bounds what we buffer for it.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
@@ -43,6 +46,11 @@ struct Conn {
     /// Bytes we forwarded to the host (our `fwd_cnt`).
     fwd_cnt: u32,
     fwd_cnt_announced: u32,
+    /// The `fwd_cnt` in the last packet the guest received: its credit
+    /// is [`CONN_BUF`] bytes past it.
+    fwd_cnt_told: u32,
+    /// Guest-to-host payload bytes received (the guest's `tx_cnt`).
+    guest_tx_cnt: u32,
     /// Host-to-guest bytes sent (our `tx_cnt` in the guest's terms).
     rx_cnt: u32,
     peer_buf_alloc: u32,
@@ -59,12 +67,24 @@ impl Conn {
             tx_buf: VecDeque::new(),
             fwd_cnt: 0,
             fwd_cnt_announced: 0,
+            fwd_cnt_told: 0,
+            guest_tx_cnt: 0,
             rx_cnt: 0,
             peer_buf_alloc: 0,
             peer_fwd_cnt: 0,
             readable: false,
             interest: EventSet::empty(),
         }
+    }
+
+    /// Whether `len` more bytes from the guest stay within the credit we
+    /// gave it.
+    fn within_our_credit(&self, len: usize) -> bool {
+        let in_flight = self.guest_tx_cnt.wrapping_sub(self.fwd_cnt_told);
+        u32::try_from(len)
+            .ok()
+            .and_then(|len| in_flight.checked_add(len))
+            .is_some_and(|n| n <= CONN_BUF)
     }
 
     /// Bytes the guest can still take.
@@ -226,12 +246,11 @@ impl Muxer {
                     self.push_control(OP_RST, key, 0);
                     return;
                 };
-                if c.state != State::Established
-                    || c.tx_buf.len() + payload.len() > CONN_BUF as usize
-                {
+                if c.state != State::Established || !c.within_our_credit(payload.len()) {
                     self.reset(key);
                     return;
                 }
+                c.guest_tx_cnt = c.guest_tx_cnt.wrapping_add(payload.len() as u32);
                 c.tx_buf.extend(payload);
                 self.flush(key);
             }
@@ -421,6 +440,15 @@ impl Muxer {
     /// The next packet for the guest that fits `room` payload bytes: control
     /// packets first, then data from connections with credit.
     pub fn next_rx(&mut self, room: usize) -> Option<(Header, Vec<u8>)> {
+        let (h, payload) = self.next_packet(room)?;
+        // The guest is about to see this fwd_cnt: it sets its credit.
+        if let Some(c) = self.conns.get_mut(&(h.src_port, h.dst_port)) {
+            c.fwd_cnt_told = h.fwd_cnt;
+        }
+        Some((h, payload))
+    }
+
+    fn next_packet(&mut self, room: usize) -> Option<(Header, Vec<u8>)> {
         if let Some(h) = self.control.pop_front() {
             return Some((h, Vec::new()));
         }
