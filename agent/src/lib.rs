@@ -10,6 +10,7 @@
 pub mod cgroup;
 pub mod container;
 pub mod error;
+pub mod listen;
 pub mod oom;
 pub mod pid1;
 pub mod pty;

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use nutshell_agent::{container, pid1, server, INIT_ARG};
+use nutshell_agent::{container, listen, pid1, server, INIT_ARG};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -66,6 +66,11 @@ fn run(args: &[String], is_pid1: bool) -> Result<()> {
     if !is_pid1 {
         pid1::become_subreaper().context("becoming a child subreaper")?;
     }
+    // Not dumpable: /proc/<agent>/ (its fds, the containers' stdio pipes
+    // among them; its memory; its namespaces) then needs CAP_SYS_PTRACE even
+    // from root, which a container that sees the agent's pid lacks. The
+    // container inits are fresh execs and dumpable again.
+    nix::sys::prctl::set_dumpable(false).context("making the agent non-dumpable")?;
     if !(listen.starts_with("unix://") || listen.starts_with("vsock://")) {
         bail!("listen address {listen:?} is neither unix:// nor vsock://");
     }
@@ -82,9 +87,9 @@ fn run(args: &[String], is_pid1: bool) -> Result<()> {
             // A stale socket from an earlier run would make bind fail.
             let _ = std::fs::remove_file(path);
         }
+        let listener = listen::bind(&listen).with_context(|| format!("listening on {listen}"))?;
         let mut server = ttrpc::r#async::Server::new()
-            .bind(&listen)
-            .with_context(|| format!("listening on {listen}"))?
+            .add_listener(listener)
             .register_service(nutshell_protocol::agent_ttrpc::create_agent(
                 service.clone(),
             ));

@@ -186,6 +186,27 @@ pub fn busybox_rootfs(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Builds `tests/fixtures/vsock_probe.c` (a ttrpc client over vsock or a
+/// Unix socket that says whether it was served) as a static binary at
+/// `dest`, to copy into a busybox rootfs. An error says what is missing.
+pub fn build_vsock_probe(dest: &Path) -> io::Result<()> {
+    let src = workspace_root().join("tests/fixtures/vsock_probe.c");
+    let cc = which("cc").ok_or_else(|| io::Error::other("needs a C compiler (cc)"))?;
+    let out = Command::new(cc)
+        .args(["-static", "-O2", "-Wall", "-Werror", "-o"])
+        .arg(dest)
+        .arg(&src)
+        .output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "cc -static {} failed (needs the static libc, e.g. libc6-dev): {}",
+            src.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

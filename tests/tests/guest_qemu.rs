@@ -7,16 +7,21 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nutshell_protocol::agent::{CreateContainerRequest, ExecProcessRequest};
+use nutshell_protocol::DEFAULT_AGENT_VSOCK_PORT;
 use nutshell_runtime::agent::{AgentAddress, AgentClient, AgentError, DialOptions};
 use nutshell_runtime::hypervisor::qemu::QemuHypervisor;
-use nutshell_runtime::hypervisor::{Accel, Hypervisor, ProcessRole, ProcessStatus, VmConfig};
+use nutshell_runtime::hypervisor::{
+    Accel, Hypervisor, ProcessRole, ProcessStatus, VmConfig, GUEST_CID,
+};
 use nutshell_runtime::sandbox::{Sandbox, GUEST_SHARED_DIR};
-use nutshell_tests::{assert_no_vm_left, busybox_rootfs, guest_dir, is_root, require, BUSYBOX};
+use nutshell_tests::{
+    assert_no_vm_left, build_vsock_probe, busybox_rootfs, guest_dir, is_root, require, BUSYBOX,
+};
 use serde_json::{json, Value};
 
 /// VM tests run one at a time: each TCG guest wants a whole CPU here.
@@ -251,35 +256,10 @@ fn host_kernel_release() -> String {
 fn guest_runs_containers() {
     let Some(hv) = prerequisites() else { return };
     vm_test(Duration::from_secs(600), || async move {
-        let tmp = tempfile::tempdir().unwrap();
-        let shared = tmp.path().join("shared");
-        std::fs::create_dir(&shared).unwrap();
-        let config = vm_config("guest-runs-containers", tmp.path(), Some(&shared));
-        let state = config.state_dir.clone();
-
-        let started = Instant::now();
-        let sandbox = Sandbox::start(&hv, &config, &dial_options())
-            .await
-            .unwrap_or_else(|e| panic!("{:#}", ErrChain(&e)));
-        let ready = started.elapsed();
-        eprintln!("agent answered {ready:?} after QEMU started");
-        let agent = sandbox.agent();
-        let vm = sandbox.vm();
-        // The rootfs arrives as the shim's do: bind-mounted into the shared
-        // directory after the VM started.
-        let rootfs_src = tmp.path().join("rootfs-src");
-        busybox_rootfs(&rootfs_src).unwrap();
-        let rootfs = shared.join("rootfs");
-        std::fs::create_dir(&rootfs).unwrap();
-        nix::mount::mount(
-            Some(&rootfs_src),
-            &rootfs,
-            None::<&str>,
-            nix::mount::MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .unwrap();
-        assert!(agent.health().await.unwrap().status == "SERVING");
+        let guest = boot(&hv, "guest-runs-containers", |_| {}).await;
+        let rootfs_src = guest.rootfs_src.clone();
+        let agent = guest.sandbox.agent();
+        let vm = guest.sandbox.vm();
 
         // The guest: its own kernel, cgroup v2, the agent as PID 1.
         let details = agent.guest_details().await.unwrap();
@@ -294,10 +274,6 @@ fn guest_runs_containers() {
             mem.processes
         );
 
-        sandbox
-            .set_up("guest-runs-containers", "pod", false)
-            .await
-            .unwrap();
         let none = BTreeMap::new();
 
         // uname -r in a container prints the guest kernel's release.
@@ -437,13 +413,77 @@ fn guest_runs_containers() {
         assert_eq!((w.exit_status, w.signal), (137, 9));
         agent.remove_container("ticker").await.unwrap();
 
+        guest.shut_down().await;
+    });
+}
+
+/// A booted guest with a sandbox created and the busybox rootfs in its
+/// shared directory at [`guest_rootfs`].
+struct Guest {
+    tmp: tempfile::TempDir,
+    state: PathBuf,
+    /// The host directory the rootfs is a bind mount of.
+    rootfs_src: PathBuf,
+    rootfs: PathBuf,
+    sandbox: Sandbox,
+}
+
+/// Boots a guest named `id`; `prepare` adds to the rootfs before the guest
+/// sees it.
+async fn boot(hv: &QemuHypervisor, id: &str, prepare: impl FnOnce(&Path)) -> Guest {
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let config = vm_config(id, tmp.path(), Some(&shared));
+    let state = config.state_dir.clone();
+
+    let started = Instant::now();
+    let sandbox = Sandbox::start(hv, &config, &dial_options())
+        .await
+        .unwrap_or_else(|e| panic!("{:#}", ErrChain(&e)));
+    let ready = started.elapsed();
+    eprintln!("agent answered {ready:?} after QEMU started");
+    let agent = sandbox.agent();
+    // The rootfs arrives as the shim's do: bind-mounted into the shared
+    // directory after the VM started.
+    let rootfs_src = tmp.path().join("rootfs-src");
+    busybox_rootfs(&rootfs_src).unwrap();
+    prepare(&rootfs_src);
+    let rootfs = shared.join("rootfs");
+    std::fs::create_dir(&rootfs).unwrap();
+    nix::mount::mount(
+        Some(&rootfs_src),
+        &rootfs,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    assert!(agent.health().await.unwrap().status == "SERVING");
+    sandbox.set_up(id, "pod", false).await.unwrap();
+    Guest {
+        tmp,
+        state,
+        rootfs_src,
+        rootfs,
+        sandbox,
+    }
+}
+
+impl Guest {
+    /// A clean shutdown: the guest powers off, everything is reaped.
+    async fn shut_down(self) {
         // Lazily, as a shim must: virtiofsd holds the files the guest has
         // looked up until the guest forgets them.
-        nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH).unwrap();
-
-        // A clean shutdown: the guest powers off, everything is reaped.
-        let pids: Vec<u32> = vm.processes().iter().map(|(_, p)| *p).collect();
-        let exit = sandbox.shutdown(Duration::from_secs(20)).await;
+        nix::mount::umount2(&self.rootfs, nix::mount::MntFlags::MNT_DETACH).unwrap();
+        let pids: Vec<u32> = self
+            .sandbox
+            .vm()
+            .processes()
+            .iter()
+            .map(|(_, p)| *p)
+            .collect();
+        let exit = self.sandbox.shutdown(Duration::from_secs(20)).await;
         assert!(exit.is_clean_poweroff(), "{exit}");
         for pid in pids {
             assert!(
@@ -451,7 +491,77 @@ fn guest_runs_containers() {
                 "pid {pid} left"
             );
         }
-        assert_no_vm_left(tmp.path(), &state);
+        assert_no_vm_left(self.tmp.path(), &self.state);
+    }
+}
+
+/// A container cannot talk to the agent: a vsock client in one, as root
+/// (with every capability, no seccomp) or as nobody, gets no service from
+/// the agent's port at the local CID or at the guest's own CID (the guest
+/// kernel has no vsock loopback; the agent serves only the host's CID).
+/// The probe creates its AF_VSOCK socket first, so a guest without vsock
+/// cannot pass for one that refuses, and it tells "served" apart from
+/// "refused" and "closed" (agent_host's reach.rs shows it served by an
+/// agent). The container sees neither the agent nor the guest's /run.
+#[test]
+fn containers_cannot_reach_the_agent() {
+    let Some(hv) = prerequisites() else { return };
+    let probe_dir = tempfile::tempdir().unwrap();
+    let probe = probe_dir.path().join("vsock_probe");
+    let built = build_vsock_probe(&probe);
+    if !require(built.is_ok(), &format!("{:?}", built.err())) {
+        return;
+    }
+    vm_test(Duration::from_secs(300), || async move {
+        let guest = boot(&hv, "no-agent-access", |rootfs| {
+            std::fs::copy(&probe, rootfs.join("bin/vsock_probe")).unwrap();
+        })
+        .await;
+        let agent = guest.sandbox.agent();
+        let none = BTreeMap::new();
+        let port = DEFAULT_AGENT_VSOCK_PORT.to_string();
+        for cid in [nix::libc::VMADDR_CID_LOCAL, GUEST_CID] {
+            for uid in [0, 65534] {
+                let cid = cid.to_string();
+                let mut s: Value = serde_json::from_slice(&spec(
+                    &["/bin/vsock_probe", "vsock", &cid, &port],
+                    &none,
+                    json!({}),
+                ))
+                .unwrap();
+                s["process"]["user"] = json!({"uid": uid, "gid": uid});
+                let id = format!("probe-{cid}-{uid}");
+                let out = run(agent, &id, serde_json::to_vec(&s).unwrap(), None).await;
+                eprintln!("{id}: {:?}", out.stdout);
+                let lines: Vec<&str> = out.stdout.lines().collect();
+                assert_eq!(lines.first(), Some(&"socket ok"), "{id}: {}", out.stderr);
+                let verdict = lines.get(1).copied().unwrap_or_default();
+                assert!(
+                    verdict.starts_with("refused ") || verdict.starts_with("closed"),
+                    "{id}: a container got {verdict:?} from the agent's port"
+                );
+                assert_eq!(out.status, 1, "{id}");
+            }
+        }
+
+        // Its own pid namespace hides the agent (pid 1 is the container's
+        // shell) and the guest's /run (the shared directory, every rootfs)
+        // is not in its mount namespace.
+        let script = "echo $$; readlink /proc/1/exe; ls -A /run";
+        let out = run(
+            agent,
+            "look",
+            spec(&["sh", "-c", script], &none, json!({})),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (out.status, out.stdout.as_str()),
+            (0, "1\n/bin/busybox\n"),
+            "{}",
+            out.stderr
+        );
+        guest.shut_down().await;
     });
 }
 

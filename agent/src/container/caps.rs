@@ -18,15 +18,16 @@ pub fn convert(set: &Capabilities) -> InitResult<CapsHashSet> {
         .map(|c| {
             let name = serde_json::to_string(c).unwrap_or_default();
             let name = name.trim_matches('"');
-            name.parse::<Capability>()
-                .map_err(|_| InitError(format!("capability {name} is not known to this agent")))
+            name.parse::<Capability>().map_err(|_| {
+                InitError::unsupported(format!("capability {name} is not known to this agent"))
+            })
         })
         .collect()
 }
 
 fn set(which: CapSet, caps: &CapsHashSet, name: &str) -> InitResult<()> {
     caps::set(None, which, caps)
-        .map_err(|e| InitError(format!("setting the {name} capabilities: {e}")))
+        .map_err(|e| InitError::internal(format!("setting the {name} capabilities: {e}")))
 }
 
 /// Drops the bounding set; must run while still privileged.
@@ -39,10 +40,11 @@ pub fn drop_bounding(process: &Process) -> InitResult<()> {
     };
     let keep = convert(bounding)?;
     let current = caps::read(None, CapSet::Bounding)
-        .map_err(|e| InitError(format!("reading the bounding set: {e}")))?;
+        .map_err(|e| InitError::internal(format!("reading the bounding set: {e}")))?;
     for cap in current.difference(&keep) {
-        caps::drop(None, CapSet::Bounding, *cap)
-            .map_err(|e| InitError(format!("dropping {cap} from the bounding set: {e}")))?;
+        caps::drop(None, CapSet::Bounding, *cap).map_err(|e| {
+            InitError::internal(format!("dropping {cap} from the bounding set: {e}"))
+        })?;
     }
     Ok(())
 }
@@ -60,19 +62,19 @@ pub fn apply(process: &Process) -> InitResult<()> {
     let inheritable = conv(c.inheritable())?.unwrap_or_default();
     let ambient = conv(c.ambient())?.unwrap_or_default();
     if !effective.is_subset(&permitted) {
-        return Err(InitError(
-            "process.capabilities.effective is not a subset of permitted".into(),
+        return Err(InitError::invalid(
+            "process.capabilities.effective is not a subset of permitted",
         ));
     }
     set(CapSet::Inheritable, &inheritable, "inheritable")?;
     set(CapSet::Effective, &effective, "effective")?;
     set(CapSet::Permitted, &permitted, "permitted")?;
     caps::clear(None, CapSet::Ambient)
-        .map_err(|e| InitError(format!("clearing the ambient capabilities: {e}")))?;
+        .map_err(|e| InitError::internal(format!("clearing the ambient capabilities: {e}")))?;
     if ambient != empty {
         for cap in &ambient {
             caps::raise(None, CapSet::Ambient, *cap)
-                .map_err(|e| InitError(format!("raising ambient {cap}: {e}")))?;
+                .map_err(|e| InitError::internal(format!("raising ambient {cap}: {e}")))?;
         }
     }
     Ok(())

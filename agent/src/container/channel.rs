@@ -32,8 +32,31 @@ pub enum InitMsg {
     Ready,
     /// agent → init: exec the user process.
     Start,
-    /// init → agent: a sentence saying what failed.
-    Error(String),
+    /// init → agent: what failed, as a kind the agent maps to a status
+    /// and a sentence for the caller.
+    Error {
+        /// What sort of failure it is; decides the status code.
+        kind: InitErrorKind,
+        /// A sentence saying what failed.
+        message: String,
+    },
+}
+
+/// The sort of failure an init reports. The agent maps it to a status in
+/// one place ([`super::spawn::init_error`]), so rewording a message never
+/// changes what the caller sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InitErrorKind {
+    /// Something the request names does not exist (the executable).
+    NotFound,
+    /// The request is malformed or contradicts itself.
+    Invalid,
+    /// The request is valid but this agent does not implement it.
+    Unsupported,
+    /// The request is valid but the kernel refused it for lack of privilege.
+    PermissionDenied,
+    /// Anything else: the agent's or the kernel's failure.
+    Internal,
 }
 
 fn encode(msg: &InitMsg) -> io::Result<Vec<u8>> {
@@ -198,5 +221,28 @@ impl Channel {
     /// The descriptor, for closing it explicitly.
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.get_ref().as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_keeps_its_kind_across_the_channel() {
+        let sent = InitMsg::Error {
+            kind: InitErrorKind::PermissionDenied,
+            message: "setting it was refused".into(),
+        };
+        let bytes = encode(&sent).unwrap();
+        let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+        assert_eq!(len, bytes.len() - 4);
+        match decode(&bytes[4..]).unwrap() {
+            InitMsg::Error { kind, message } => {
+                assert_eq!(kind, InitErrorKind::PermissionDenied);
+                assert_eq!(message, "setting it was refused");
+            }
+            other => panic!("decoded {other:?}"),
+        }
     }
 }

@@ -71,7 +71,7 @@ fn make_node(
             return Ok(());
         }
         Err(e) => {
-            return Err(InitError(format!(
+            return Err(InitError::internal(format!(
                 "creating device node {}: {e}",
                 path.display()
             )))
@@ -106,7 +106,7 @@ pub fn create_default_nodes(rootfs: &Path, linux: Option<&Linux>) -> InitResult<
             LinuxDeviceType::B => SFlag::S_IFBLK,
             LinuxDeviceType::P => SFlag::S_IFIFO,
             LinuxDeviceType::A => {
-                return Err(InitError(format!(
+                return Err(InitError::invalid(format!(
                     "device {} has type \"a\", which is only valid in cgroup rules",
                     d.path().display()
                 )))

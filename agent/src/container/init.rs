@@ -7,35 +7,79 @@
 //! to children. It reports the child's pid and exits; the child is
 //! reparented to the agent (PID 1 or a subreaper). Stage 2, the child, sets
 //! the container up, reports Ready, waits for Start, and execs the user
-//! process. Errors travel back as sentences; the channel is close-on-exec,
+//! process. Errors travel back as a kind and a sentence; the channel is close-on-exec,
 //! so EOF after Start means the execve succeeded.
 
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 
-use super::channel::{recv_blocking, send_blocking, InitMsg};
+use super::channel::{recv_blocking, send_blocking, InitErrorKind, InitMsg};
 use super::config::InitConfig;
 use super::{caps, mounts, namespaces, process, rlimits};
 
 /// The descriptor the agent hands the control socket on.
 pub const CONTROL_FD: i32 = 3;
 
-/// An error in the container's init; the message is forwarded to the caller.
+/// An error in the container's init: its kind travels to the agent with
+/// the message, which is forwarded to the caller.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct InitError(pub String);
+#[error("{message}")]
+pub struct InitError {
+    /// What sort of failure; decides the status the caller gets.
+    pub kind: InitErrorKind,
+    /// A sentence saying what failed.
+    pub message: String,
+}
+
+impl InitError {
+    /// An error of `kind`.
+    pub fn new(kind: InitErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// The request is malformed or contradicts itself.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(InitErrorKind::Invalid, message)
+    }
+
+    /// The request is valid but not implemented here.
+    pub fn unsupported(message: impl Into<String>) -> Self {
+        Self::new(InitErrorKind::Unsupported, message)
+    }
+
+    /// The agent's or the kernel's failure.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(InitErrorKind::Internal, message)
+    }
+
+    fn into_msg(self) -> InitMsg {
+        InitMsg::Error {
+            kind: self.kind,
+            message: self.message,
+        }
+    }
+}
 
 /// Result of init steps.
 pub type InitResult<T> = Result<T, InitError>;
 
 /// Adds a sentence to a low-level error.
 pub trait Context<T> {
-    /// Maps the error to "`what`: `error`".
+    /// Maps the error to an internal "`what`: `error`".
     fn ctx(self, what: impl FnOnce() -> String) -> InitResult<T>;
+    /// Maps the error to "`what`: `error`" of `kind`.
+    fn ctx_as(self, kind: InitErrorKind, what: impl FnOnce() -> String) -> InitResult<T>;
 }
 
 impl<T, E: std::fmt::Display> Context<T> for Result<T, E> {
     fn ctx(self, what: impl FnOnce() -> String) -> InitResult<T> {
-        self.map_err(|e| InitError(format!("{}: {e}", what())))
+        self.ctx_as(InitErrorKind::Internal, what)
+    }
+
+    fn ctx_as(self, kind: InitErrorKind, what: impl FnOnce() -> String) -> InitResult<T> {
+        self.map_err(|e| InitError::new(kind, format!("{}: {e}", what())))
     }
 }
 
@@ -53,14 +97,18 @@ pub fn main() -> ! {
         Ok(never) => match never {},
         Err(e) => e,
     };
-    let _ = send_blocking(ctl.as_fd(), &InitMsg::Error(err.0), None);
+    let _ = send_blocking(ctl.as_fd(), &err.into_msg(), None);
     std::process::exit(1)
 }
 
 fn stage1(ctl: BorrowedFd<'_>) -> InitResult<std::convert::Infallible> {
     let cfg = match recv_blocking(ctl).ctx(|| "reading the container config".into())? {
         Some(InitMsg::Config(cfg)) => cfg,
-        Some(other) => return Err(InitError(format!("unexpected control message {other:?}"))),
+        Some(other) => {
+            return Err(InitError::internal(format!(
+                "unexpected control message {other:?}"
+            )))
+        }
         None => std::process::exit(1),
     };
     namespaces::enter(&cfg)?;
@@ -85,7 +133,7 @@ fn stage1(ctl: BorrowedFd<'_>) -> InitResult<std::convert::Infallible> {
                 Ok(never) => match never {},
                 Err(e) => e,
             };
-            let _ = send_blocking(ctl, &InitMsg::Error(err.0), None);
+            let _ = send_blocking(ctl, &err.into_msg(), None);
             std::process::exit(1)
         }
     }

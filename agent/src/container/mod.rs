@@ -9,6 +9,7 @@ pub mod caps;
 pub mod channel;
 pub mod config;
 pub mod devices;
+pub mod execs;
 pub mod init;
 pub mod mounts;
 pub mod namespaces;
@@ -143,7 +144,7 @@ pub struct Container {
     seccomp: Vec<Vec<BpfInsn>>,
     cgroup: Option<Cgroup>,
     init: Arc<Process>,
-    execs: Mutex<HashMap<String, Arc<Process>>>,
+    execs: execs::Execs<Arc<Process>>,
     oom: Option<Arc<OomWatch>>,
     oom_stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -153,17 +154,7 @@ impl Container {
         if exec_id.is_empty() {
             return Ok(self.init.clone());
         }
-        self.execs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(exec_id)
-            .cloned()
-            .ok_or_else(|| {
-                AgentError::NotFound(format!(
-                    "container {}: no process with exec id {exec_id:?}",
-                    self.id
-                ))
-            })
+        self.execs.get(&self.id, exec_id)
     }
 
     fn cgroup(&self, what: &str) -> Result<&Cgroup> {
@@ -368,7 +359,7 @@ impl Engine {
             seccomp,
             cgroup,
             init,
-            execs: Mutex::new(HashMap::new()),
+            execs: execs::Execs::default(),
             oom,
             oom_stop,
         });
@@ -409,29 +400,11 @@ impl Engine {
                 "container {id} has not been started"
             )));
         }
-        {
-            let mut execs = c.execs.lock().unwrap_or_else(PoisonError::into_inner);
-            if execs.contains_key(exec_id) {
-                return Err(AgentError::AlreadyExists(format!(
-                    "container {id}: exec id {exec_id:?} already exists"
-                )));
-            }
-            // Reserve the id; replaced by the real process below.
-            execs.insert(exec_id.to_string(), c.init.clone());
-        }
-        let res = self.exec_inner(&c, exec_id, process, want_stdin).await;
-        let mut execs = c.execs.lock().unwrap_or_else(PoisonError::into_inner);
-        match res {
-            Ok(p) => {
-                let pid = p.pid;
-                execs.insert(exec_id.to_string(), p);
-                Ok(pid)
-            }
-            Err(e) => {
-                execs.remove(exec_id);
-                Err(e)
-            }
-        }
+        let slot = c.execs.reserve(id, exec_id)?;
+        let p = self.exec_inner(&c, exec_id, process, want_stdin).await?;
+        let pid = p.pid;
+        slot.fill(p);
+        Ok(pid)
     }
 
     async fn exec_inner(
@@ -496,9 +469,8 @@ impl Engine {
         let c = self.container(id)?;
         let known: HashMap<i32, String> = c
             .execs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
+            .running()
+            .iter()
             .map(|p| (p.pid, p.exec_id.clone()))
             .collect();
         Ok(c.pids()
@@ -619,12 +591,12 @@ impl Engine {
     /// (probes) do not accumulate them.
     pub async fn remove_exec(&self, id: &str, exec_id: &str) -> Result<()> {
         let c = self.container(id)?;
-        let p = c.process(exec_id)?;
-        if p.pid == c.init.pid {
-            return Err(AgentError::FailedPrecondition(format!(
-                "container {id}: exec {exec_id:?} is still being created"
+        if exec_id.is_empty() {
+            return Err(AgentError::invalid(format!(
+                "container {id}: removing an exec needs its exec id"
             )));
         }
+        let p = c.process(exec_id)?;
         let _ = p.signal(Signal::SIGKILL);
         if tokio::time::timeout(KILL_TIMEOUT, p.wait()).await.is_err() {
             return Err(AgentError::internal(format!(
@@ -633,10 +605,7 @@ impl Engine {
             )));
         }
         p.close_output();
-        c.execs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(exec_id);
+        c.execs.remove(exec_id);
         Ok(())
     }
 
@@ -672,13 +641,7 @@ impl Engine {
     }
 
     async fn remove_inner(&self, c: &Container) -> Result<()> {
-        let execs: Vec<Arc<Process>> = c
-            .execs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect();
+        let execs = c.execs.running();
         if let Some(cg) = &c.cgroup {
             // A frozen cgroup would keep SIGKILL from being delivered.
             let _ = cg.freeze(false).await;

@@ -114,7 +114,7 @@ pub fn secure_join(root: &Path, path: &Path) -> InitResult<PathBuf> {
                         Ok(target) => {
                             links += 1;
                             if links > 40 {
-                                return Err(InitError(format!(
+                                return Err(InitError::invalid(format!(
                                     "too many symbolic links in {}",
                                     path.display()
                                 )));
@@ -154,12 +154,13 @@ fn create_mount_point(dest: &Path, is_file: bool) -> InitResult<()> {
 fn do_mount(rootfs: &Path, m: &Mount, cgroup_v2: bool) -> InitResult<()> {
     let dest_in = m.destination();
     if !dest_in.is_absolute() {
-        return Err(InitError(format!(
+        return Err(InitError::invalid(format!(
             "mount destination {} is not absolute",
             dest_in.display()
         )));
     }
-    let opts = parse_options(m.options().as_deref().unwrap_or_default()).map_err(InitError)?;
+    let opts =
+        parse_options(m.options().as_deref().unwrap_or_default()).map_err(InitError::invalid)?;
     let dest = secure_join(rootfs, dest_in)?;
     let spec_type = m.typ().clone().unwrap_or_default();
     let mut fstype = spec_type.clone();
@@ -252,12 +253,12 @@ pub fn prepare_rootfs(cfg: &InitConfig) -> InitResult<()> {
         // pivot_root refuses a shared parent mount, and a shared root would
         // leak the container's mounts into the agent's namespace.
         Some(other @ ("rshared" | "shared")) => {
-            return Err(InitError(format!(
+            return Err(InitError::unsupported(format!(
                 "rootfsPropagation {other:?} is not supported"
             )))
         }
         Some(other) => {
-            return Err(InitError(format!(
+            return Err(InitError::unsupported(format!(
                 "rootfsPropagation {other:?} is not supported"
             )))
         }

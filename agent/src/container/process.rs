@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::OFlag;
 use oci_spec::runtime::{Process, Spec};
 
+use super::channel::InitErrorKind;
 use super::init::{Context, InitError, InitResult};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -23,7 +24,9 @@ pub fn apply_sysctls(spec: &Spec) -> InitResult<()> {
     for (key, value) in sysctls {
         if key.is_empty() || key.contains('/') || key.split('.').any(|c| c.is_empty() || c == "..")
         {
-            return Err(InitError(format!("sysctl name {key:?} is invalid")));
+            return Err(InitError::invalid(format!(
+                "sysctl name {key:?} is invalid"
+            )));
         }
         let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
         fs::write(&path, value).ctx(|| format!("setting sysctl {key}={value}"))?;
@@ -48,7 +51,7 @@ pub fn attach_terminal() -> InitResult<OwnedFd> {
     nix::unistd::setsid().ctx(|| "setsid".into())?;
     // SAFETY: TIOCSCTTY takes an int argument; `slave` is an open tty.
     if unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSCTTY, 0) } < 0 {
-        return Err(InitError(format!(
+        return Err(InitError::internal(format!(
             "making {name} the controlling terminal: {}",
             nix::Error::last()
         )));
@@ -57,7 +60,7 @@ pub fn attach_terminal() -> InitResult<OwnedFd> {
         // SAFETY: dup2 onto the standard descriptors of this single-threaded
         // process; `slave` stays open across the calls.
         if unsafe { libc::dup2(slave.as_raw_fd(), fd) } < 0 {
-            return Err(InitError(format!(
+            return Err(InitError::internal(format!(
                 "dup2 of the terminal: {}",
                 nix::Error::last()
             )));
@@ -77,11 +80,14 @@ pub fn apply_oom_score_adj(spec: &Spec) -> InitResult<()> {
     if current.trim() == adj.to_string() {
         return Ok(());
     }
-    fs::write("/proc/self/oom_score_adj", adj.to_string()).ctx(|| {
-        format!(
+    fs::write("/proc/self/oom_score_adj", adj.to_string()).ctx_as(
+        InitErrorKind::PermissionDenied,
+        || {
+            format!(
             "setting process.oomScoreAdj to {adj} was refused (lowering it needs CAP_SYS_RESOURCE)"
         )
-    })
+        },
+    )
 }
 
 /// Everything execve needs, computed before the start signal so a missing
@@ -94,7 +100,7 @@ pub struct PreparedExec {
 }
 
 fn cstring(s: &str, what: &str) -> InitResult<CString> {
-    CString::new(s).map_err(|_| InitError(format!("{what} {s:?} contains a NUL byte")))
+    CString::new(s).map_err(|_| InitError::invalid(format!("{what} {s:?} contains a NUL byte")))
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -106,12 +112,15 @@ pub fn resolve_executable(arg0: &str, env: &[String]) -> InitResult<PathBuf> {
     if arg0.contains('/') {
         let p = PathBuf::from(arg0);
         return match fs::metadata(&p) {
-            Ok(m) if m.is_dir() => Err(InitError(format!("exec {arg0:?}: is a directory"))),
+            Ok(m) if m.is_dir() => {
+                Err(InitError::invalid(format!("exec {arg0:?}: is a directory")))
+            }
             Ok(_) => Ok(p),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(InitError(format!(
-                "exec {arg0:?}: no such file or directory"
-            ))),
-            Err(e) => Err(InitError(format!("exec {arg0:?}: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(InitError::new(
+                InitErrorKind::NotFound,
+                format!("exec {arg0:?}: no such file or directory"),
+            )),
+            Err(e) => Err(InitError::invalid(format!("exec {arg0:?}: {e}"))),
         };
     }
     let path_var = env
@@ -124,9 +133,12 @@ pub fn resolve_executable(arg0: &str, env: &[String]) -> InitResult<PathBuf> {
         .map(|d| Path::new(d).join(arg0))
         .find(|p| is_executable(p))
         .ok_or_else(|| {
-            InitError(format!(
-                "exec {arg0:?}: executable file not found in $PATH: no such file or directory"
-            ))
+            InitError::new(
+                InitErrorKind::NotFound,
+                format!(
+                    "exec {arg0:?}: executable file not found in $PATH: no such file or directory"
+                ),
+            )
         })
 }
 
@@ -134,7 +146,7 @@ pub fn resolve_executable(arg0: &str, env: &[String]) -> InitResult<PathBuf> {
 pub fn prepare_exec(process: &Process) -> InitResult<PreparedExec> {
     let args = process.args().as_deref().unwrap_or_default();
     let Some(arg0) = args.first() else {
-        return Err(InitError("process.args is empty".into()));
+        return Err(InitError::invalid("process.args is empty"));
     };
     let env = process.env().as_deref().unwrap_or_default();
     let cwd = process.cwd();
@@ -193,7 +205,16 @@ pub fn exec(p: PreparedExec) -> InitError {
         return e;
     }
     let Err(e) = nix::unistd::execve(&p.path, &p.argv, &p.env);
-    InitError(format!("exec {:?}: {}", p.display, e.desc().to_lowercase()))
+    // Whatever execve refuses is the image's or the spec's doing.
+    let kind = if e == nix::Error::ENOENT {
+        InitErrorKind::NotFound
+    } else {
+        InitErrorKind::Invalid
+    };
+    InitError::new(
+        kind,
+        format!("exec {:?}: {}", p.display, e.desc().to_lowercase()),
+    )
 }
 
 /// Every catchable signal to SIG_DFL and none blocked.
@@ -223,14 +244,19 @@ mod tests {
         let sh = resolve_executable("sh", &env).expect("sh is on PATH");
         assert!(sh.ends_with("sh"));
         let e = resolve_executable("/no/such/binary", &env).expect_err("missing");
+        assert_eq!(e.kind, InitErrorKind::NotFound);
         assert!(
-            e.0.contains("/no/such/binary") && e.0.contains("no such file or directory"),
+            e.message.contains("/no/such/binary")
+                && e.message.contains("no such file or directory"),
             "{e}"
         );
         let e = resolve_executable("no-such-command-x", &env).expect_err("missing");
+        assert_eq!(e.kind, InitErrorKind::NotFound);
         assert!(
-            e.0.contains("no-such-command-x") && e.0.contains("not found"),
+            e.message.contains("no-such-command-x") && e.message.contains("not found"),
             "{e}"
         );
+        let e = resolve_executable("/", &env).expect_err("a directory");
+        assert_eq!(e.kind, InitErrorKind::Invalid, "{e}");
     }
 }

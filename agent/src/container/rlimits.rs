@@ -3,6 +3,7 @@
 
 use oci_spec::runtime::{PosixRlimitType, Process};
 
+use super::channel::InitErrorKind;
 use super::init::{InitError, InitResult};
 
 fn resource(t: PosixRlimitType) -> Option<libc::__rlimit_resource_t> {
@@ -36,7 +37,7 @@ pub fn apply(process: &Process) -> InitResult<()> {
             .trim_matches('"')
             .to_string();
         let res = resource(r.typ())
-            .ok_or_else(|| InitError(format!("rlimit {name} is not supported")))?;
+            .ok_or_else(|| InitError::unsupported(format!("rlimit {name} is not supported")))?;
         let lim = libc::rlimit {
             rlim_cur: r.soft(),
             rlim_max: r.hard(),
@@ -44,16 +45,22 @@ pub fn apply(process: &Process) -> InitResult<()> {
         // SAFETY: setrlimit reads the rlimit struct we own.
         if unsafe { libc::setrlimit(res, &lim) } != 0 {
             let e = nix::Error::last();
-            let hint = if e == nix::Error::EPERM {
-                " (raising a hard limit needs CAP_SYS_RESOURCE)"
+            let (kind, hint) = if e == nix::Error::EPERM {
+                (
+                    InitErrorKind::PermissionDenied,
+                    " (raising a hard limit needs CAP_SYS_RESOURCE)",
+                )
             } else {
-                ""
+                (InitErrorKind::Invalid, "")
             };
-            return Err(InitError(format!(
-                "setting {name} to soft {} hard {} was refused: {e}{hint}",
-                r.soft(),
-                r.hard()
-            )));
+            return Err(InitError::new(
+                kind,
+                format!(
+                    "setting {name} to soft {} hard {} was refused: {e}{hint}",
+                    r.soft(),
+                    r.hard()
+                ),
+            ));
         }
     }
     Ok(())

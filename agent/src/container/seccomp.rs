@@ -188,7 +188,7 @@ pub fn apply(progs: &[Vec<BpfInsn>]) -> InitResult<()> {
             .map(|&(code, jt, jf, k)| libc::sock_filter { code, jt, jf, k })
             .collect();
         let len = u16::try_from(insns.len())
-            .map_err(|_| InitError("the seccomp program is too long".into()))?;
+            .map_err(|_| InitError::invalid("the seccomp program is too long"))?;
         let fprog = libc::sock_fprog {
             len,
             filter: insns.as_ptr() as *mut libc::sock_filter,
@@ -204,7 +204,7 @@ pub fn apply(progs: &[Vec<BpfInsn>]) -> InitResult<()> {
             )
         };
         if rc != 0 {
-            return Err(InitError(format!(
+            return Err(InitError::internal(format!(
                 "installing the seccomp filter: {}",
                 nix::Error::last()
             )));

@@ -11,7 +11,7 @@ use std::time::Duration;
 use nix::fcntl::OFlag;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
-use super::channel::{Channel, InitMsg};
+use super::channel::{Channel, InitErrorKind, InitMsg};
 use super::config::InitConfig;
 use super::init::CONTROL_FD;
 use crate::cgroup::Cgroup;
@@ -43,17 +43,20 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), AgentError> {
         .map_err(|e| AgentError::internal(format!("creating a pipe: {e}")))
 }
 
-/// Maps an error sentence from the init to a status: a missing or
-/// unusable executable is the caller's mistake, the rest is ours.
-pub fn init_error(id: &str, msg: String) -> AgentError {
-    if msg.starts_with("exec ") || msg.starts_with("process.") || msg.contains("is not supported") {
-        AgentError::InvalidArgument(format!("container {id}: {msg}"))
-    } else if msg.contains("was refused") {
+/// Maps an init's error to a status; the one place that decides it.
+pub fn init_error(id: &str, kind: InitErrorKind, message: String) -> AgentError {
+    let message = format!("container {id}: {message}");
+    match kind {
+        // NOT_FOUND on this API means the container or process the request
+        // names does not exist; a missing executable is a mistake in the
+        // request, like a malformed or unsupported one.
+        InitErrorKind::NotFound | InitErrorKind::Invalid | InitErrorKind::Unsupported => {
+            AgentError::InvalidArgument(message)
+        }
         // The spec is fine but this host does not allow it (no
         // CAP_SYS_RESOURCE for oom_score_adj or rlimits).
-        AgentError::FailedPrecondition(format!("container {id}: {msg}"))
-    } else {
-        AgentError::Internal(format!("container {id}: {msg}"))
+        InitErrorKind::PermissionDenied => AgentError::FailedPrecondition(message),
+        InitErrorKind::Internal => AgentError::Internal(message),
     }
 }
 
@@ -150,7 +153,9 @@ pub async fn spawn(
                 seen_pid.store(pid, std::sync::atomic::Ordering::SeqCst);
                 pid
             }
-            Ok(Some(InitMsg::Error(msg))) => return Err(init_error(id, msg)),
+            Ok(Some(InitMsg::Error { kind, message })) => {
+                return Err(init_error(id, kind, message))
+            }
             Ok(other) => {
                 return Err(AgentError::internal(format!(
                     "container {id}: the init ended its handshake early ({other:?})"
@@ -167,9 +172,9 @@ pub async fn spawn(
             match channel.recv().await {
                 Ok(Some(InitMsg::Ready)) => break,
                 Ok(Some(InitMsg::Pty)) => pty = channel.fds.pop(),
-                Ok(Some(InitMsg::Error(msg))) => {
+                Ok(Some(InitMsg::Error { kind, message })) => {
                     kill(pid);
-                    return Err(init_error(id, msg));
+                    return Err(init_error(id, kind, message));
                 }
                 Ok(other) => {
                     kill(pid);
@@ -247,7 +252,7 @@ pub async fn start(id: &str, mut channel: Channel) -> Result<(), AgentError> {
         .map_err(|e| AgentError::internal(format!("container {id}: sending start: {e}")))?;
     match tokio::time::timeout(SETUP_TIMEOUT, channel.recv()).await {
         Ok(Ok(None)) => Ok(()),
-        Ok(Ok(Some(InitMsg::Error(msg)))) => Err(init_error(id, msg)),
+        Ok(Ok(Some(InitMsg::Error { kind, message }))) => Err(init_error(id, kind, message)),
         Ok(Ok(Some(other))) => Err(AgentError::internal(format!(
             "container {id}: unexpected message after start: {other:?}"
         ))),
@@ -257,5 +262,40 @@ pub async fn start(id: &str, mut channel: Channel) -> Result<(), AgentError> {
         Err(_) => Err(AgentError::internal(format!(
             "container {id}: the process did not exec within {SETUP_TIMEOUT:?}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ttrpc::Code;
+
+    #[test]
+    fn each_init_error_kind_has_one_status() {
+        let cases = [
+            (InitErrorKind::NotFound, Code::INVALID_ARGUMENT),
+            (InitErrorKind::Invalid, Code::INVALID_ARGUMENT),
+            (InitErrorKind::Unsupported, Code::INVALID_ARGUMENT),
+            (InitErrorKind::PermissionDenied, Code::FAILED_PRECONDITION),
+            (InitErrorKind::Internal, Code::INTERNAL),
+        ];
+        for (kind, code) in cases {
+            let e = init_error("c1", kind, "it failed".into());
+            assert_eq!(e.code(), code, "{kind:?}");
+            assert_eq!(e.to_string(), "container c1: it failed");
+        }
+    }
+
+    #[test]
+    fn the_status_follows_the_kind_not_the_wording() {
+        // Wordings the old substring match keyed on, under other kinds.
+        let e = init_error(
+            "c",
+            InitErrorKind::Internal,
+            "exec \"x\": is not supported".into(),
+        );
+        assert_eq!(e.code(), Code::INTERNAL);
+        let e = init_error("c", InitErrorKind::Invalid, "setting it was refused".into());
+        assert_eq!(e.code(), Code::INVALID_ARGUMENT);
     }
 }

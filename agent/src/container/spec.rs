@@ -174,6 +174,23 @@ pub fn plan_namespaces(
             "container {id}: the spec must ask for a mount namespace"
         )));
     }
+    // Never the agent's pid namespace (a host-PID container): from there a
+    // container sees the agent and every container's processes, and with
+    // CAP_KILL signals them. It gets the pod's shared one, else its own.
+    if !namespaces
+        .iter()
+        .any(|ns| ns.typ() == LinuxNamespaceType::Pid)
+    {
+        let pid = LinuxNamespaceType::Pid;
+        match (sandbox.share_pid, sandbox.holder) {
+            (true, Some(holder)) => join.push(NsJoin {
+                kind: "pid".into(),
+                flag: namespaces::flag(pid),
+                path: PathBuf::from(format!("/proc/{holder}/ns/pid")),
+            }),
+            _ => unshare |= namespaces::flag(pid),
+        }
+    }
     // The mount namespace is joined last; pid before it (setns by path).
     join.sort_by_key(|j| j.kind == "mnt");
     Ok((join, unshare))
@@ -272,6 +289,24 @@ mod tests {
         assert_eq!(join.len(), 1);
         assert_eq!(join[0].path, PathBuf::from("/proc/42/ns/net"));
         assert_eq!(unshare, libc::CLONE_NEWNS | libc::CLONE_NEWPID);
+    }
+
+    #[test]
+    fn a_container_never_gets_the_agents_pid_namespace() {
+        let mut j = base();
+        j["linux"]["namespaces"] = serde_json::json!([{ "type": "mount" }]);
+        let s = spec(j);
+        let (join, unshare) = plan_namespaces("c", &s, &SandboxNs::default()).expect("plan");
+        assert!(join.is_empty());
+        assert_eq!(unshare, libc::CLONE_NEWNS | libc::CLONE_NEWPID);
+        let shared = SandboxNs {
+            holder: Some(42),
+            share_pid: true,
+        };
+        let (join, unshare) = plan_namespaces("c", &s, &shared).expect("plan");
+        assert_eq!(unshare, libc::CLONE_NEWNS);
+        assert_eq!(join.len(), 1);
+        assert_eq!(join[0].path, PathBuf::from("/proc/42/ns/pid"));
     }
 
     #[test]

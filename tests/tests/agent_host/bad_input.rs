@@ -62,6 +62,17 @@ async fn bad_input_gets_clear_errors_and_the_agent_keeps_serving() {
         "{msg}"
     );
 
+    // The init reports a kind with its sentence; a malformed spec it finds
+    // (here while applying sysctls) is the caller's mistake, not ours.
+    let mut s = sh(&a, "true");
+    s["linux"]["sysctl"] = json!({ "kernel/../x": "1" });
+    let (code, msg) = status_of(&a.create("badsysctl", &s, false).await.unwrap_err());
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT, "{msg}");
+    assert!(
+        msg.contains("kernel/../x") && msg.contains("invalid"),
+        "{msg}"
+    );
+
     a.create("dup", &spec(&a.rootfs(), &["sleep", "100"]), false)
         .await
         .unwrap();

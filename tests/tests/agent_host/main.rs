@@ -12,4 +12,5 @@ mod cgroups;
 mod isolation;
 mod lifecycle;
 mod process_settings;
+mod reach;
 mod stdio;
