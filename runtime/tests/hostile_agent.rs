@@ -161,7 +161,12 @@ struct Guest(UnixStream);
 impl Guest {
     /// Accepts the client's connection and answers its CONNECT with `reply`.
     async fn accept(listener: &UnixListener, reply: &[u8]) -> Self {
-        let (mut s, _) = listener.accept().await.expect("accepting the client");
+        let (s, _) = listener.accept().await.expect("accepting the client");
+        Self::handshake(s, reply).await
+    }
+
+    /// Answers the client's CONNECT with `reply`.
+    async fn handshake(mut s: UnixStream, reply: &[u8]) -> Self {
         let mut line = Vec::new();
         while !line.ends_with(b"\n") {
             line.push(s.read_u8().await.expect("reading CONNECT"));
@@ -257,9 +262,60 @@ async fn assert_abandoned(flood: tokio::task::JoinHandle<Flood>) {
     );
 }
 
-#[track_caller]
-fn assert_refused(e: &AgentError, call: &str, needle: &str) {
-    match e {
+/// A vsock backend that accepts every connection and leaves it to `each`.
+fn backend<F>(
+    listener: UnixListener,
+    each: impl Fn(UnixStream) -> F + Send + 'static,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let (s, _) = listener.accept().await.expect("accepting the client");
+            conns.spawn(each(s));
+        }
+    })
+}
+
+/// Checks the dial gives up at its deadline, not before, and says so.
+async fn dial_times_out(addr: &AgentAddress) -> AgentError {
+    let o = opts();
+    let (r, took) = within(o.deadline, AgentClient::connect(addr, &o, None)).await;
+    let e = r.expect_err("connected to a backend that never answers");
+    assert!(matches!(e, AgentError::DialTimeout { .. }), "{e}");
+    assert!(e.to_string().contains("did not answer within 1s"), "{e}");
+    assert!(took >= o.deadline, "{took:?}");
+    e
+}
+
+/// Connects to a guest that answers Health well.
+async fn connected(addr: &AgentAddress) -> AgentClient {
+    AgentClient::connect(addr, &opts(), None)
+        .await
+        .expect("connecting to a healthy agent")
+}
+
+/// Checks the guest's side ended: the client closed the connection.
+async fn assert_closed(guest: tokio::task::JoinHandle<()>) {
+    within(Duration::from_secs(1), guest)
+        .await
+        .0
+        .expect("the guest task");
+}
+
+/// Checks that `fut` (the client's `call`) fails at once because the stream
+/// was refused for a reason containing `needle`.
+async fn refused_at_once<T: std::fmt::Debug>(
+    call: &str,
+    needle: &str,
+    fut: impl Future<Output = Result<T, AgentError>>,
+) {
+    let (r, took) = within(at_once(), fut).await;
+    let e = r.expect_err("the hostile stream was taken");
+    assert!(took < at_once(), "{took:?}");
+    match &e {
         AgentError::InvalidReply { call: c, reason } => {
             assert_eq!(*c, call, "{e}");
             assert!(reason.contains(needle), "{e}");
@@ -299,10 +355,7 @@ fn garbage_for_a_handshake_reply_fails_the_dial_at_once() {
             );
             assert!(!msg.contains('\x1b'), "an escape reached the error: {msg}");
             assert!(took < at_once(), "{took:?}");
-            within(Duration::from_secs(1), guest)
-                .await
-                .0
-                .expect("guest");
+            assert_closed(guest).await;
         });
     }
 }
@@ -330,24 +383,17 @@ fn a_handshake_reply_trickling_forever_hits_the_dial_deadline() {
     hostile(|addr, listener| async move {
         // Every connection gets one byte of "OK 1024" every 50 ms, and never
         // the newline.
-        let guest = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let mut g = Guest::accept(&listener, b"O").await;
-                conns.spawn(async move {
-                    for b in b"K 1024".iter().cycle() {
-                        sleep(Duration::from_millis(50)).await;
-                        if g.0.write_all(&[*b]).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+        let guest = backend(listener, |s| async move {
+            let mut g = Guest::handshake(s, b"O").await;
+            for b in b"K 1024".iter().cycle() {
+                sleep(Duration::from_millis(50)).await;
+                if g.0.write_all(&[*b]).await.is_err() {
+                    return;
+                }
             }
         });
-        let o = opts();
-        let (r, took) = within(o.deadline, AgentClient::connect(&addr, &o, None)).await;
+        let e = dial_times_out(&addr).await;
         guest.abort();
-        let e = r.expect_err("connected through a trickle");
         match &e {
             AgentError::DialTimeout {
                 attempts,
@@ -362,8 +408,6 @@ fn a_handshake_reply_trickling_forever_hits_the_dial_deadline() {
             }
             other => panic!("expected a dial timeout, got: {other}"),
         }
-        assert!(e.to_string().contains("did not answer within 1s"), "{e}");
-        assert!(took >= o.deadline, "{took:?}");
     });
 }
 
@@ -376,11 +420,9 @@ fn garbage_instead_of_ttrpc_frames_is_refused_at_once() {
                 .flood(b"HTTP/1.1 400 Bad Request\r\n\r\n")
                 .await
         });
-        let (r, took) = within(at_once(), AgentClient::connect(&addr, &opts(), None)).await;
-        let e = r.expect_err("connected through garbage");
         // "HTTP" read as a length: 0x48545450.
-        assert_refused(&e, "Health", "announced a 1213486160-byte message");
-        assert!(took < at_once(), "{took:?}");
+        let needle = "announced a 1213486160-byte message";
+        refused_at_once("Health", needle, AgentClient::connect(&addr, &opts(), None)).await;
         assert_abandoned(guest).await;
     });
 }
@@ -399,33 +441,18 @@ fn oversized_frames_are_refused_before_their_body() {
                 g.send(&head).await;
                 g.flood(b"\x0a\x00").await
             });
-            let c = AgentClient::connect(&addr, &opts(), None)
-                .await
-                .expect("connect");
+            let c = connected(&addr).await;
             let rss = vm_rss_bytes();
-            let (r, took) = within(
-                at_once(),
-                c.create_container(&CreateContainerRequest::default()),
-            )
-            .await;
-            let e = r.expect_err("an oversized frame was taken");
-            assert_refused(
-                &e,
-                "CreateContainer",
-                &format!("announced a {length}-byte message on stream 3, over the {MESSAGE_LENGTH_MAX}-byte limit"),
+            let needle = format!(
+                "announced a {length}-byte message on stream 3, over the {MESSAGE_LENGTH_MAX}-byte limit"
             );
-            assert!(took < at_once(), "{took:?}");
+            let req = CreateContainerRequest::default();
+            refused_at_once("CreateContainer", &needle, c.create_container(&req)).await;
             assert_abandoned(guest).await;
             let grown = vm_rss_bytes().saturating_sub(rss);
             assert!(grown < 32 << 20, "the process grew by {grown} bytes");
             // The connection is gone, and later calls say why, at once.
-            let (r, took) = within(at_once(), c.health()).await;
-            assert_refused(
-                &r.expect_err("a call on a refused stream"),
-                "Health",
-                &length.to_string(),
-            );
-            assert!(took < at_once(), "{took:?}");
+            refused_at_once("Health", &needle, c.health()).await;
         });
     }
 }
@@ -439,10 +466,8 @@ fn an_endless_stream_after_the_handshake_is_cut_off() {
                 async move { Guest::accept(&listener, b"OK 1\n").await.flood(&[0]).await },
             );
         let rss = vm_rss_bytes();
-        let (r, took) = within(at_once(), AgentClient::connect(&addr, &opts(), None)).await;
-        let e = r.expect_err("connected through an endless stream");
-        assert_refused(&e, "Health", "sent a message of type 0 on stream 0");
-        assert!(took < at_once(), "{took:?}");
+        let needle = "sent a message of type 0 on stream 0";
+        refused_at_once("Health", needle, AgentClient::connect(&addr, &opts(), None)).await;
         assert_abandoned(guest).await;
         let grown = vm_rss_bytes().saturating_sub(rss);
         assert!(grown < 32 << 20, "the process grew by {grown} bytes");
@@ -471,27 +496,16 @@ fn a_reply_to_a_request_never_made_is_refused() {
                 // A client that took the bogus reply hears nothing more.
                 g.silent().await;
             });
-            let (call, r) = if before_any {
-                let (r, _) = within(at_once(), AgentClient::connect(&addr, &opts(), None)).await;
-                ("Health", r.map(drop))
+            let needle = format!("answered stream {bogus}, which no request in flight uses");
+            if before_any {
+                let o = opts();
+                refused_at_once("Health", &needle, AgentClient::connect(&addr, &o, None)).await;
             } else {
-                let c = AgentClient::connect(&addr, &opts(), None)
-                    .await
-                    .expect("connect");
+                let c = connected(&addr).await;
                 let req = CreateContainerRequest::default();
-                let (r, _) = within(at_once(), c.create_container(&req)).await;
-                ("CreateContainer", r.map(drop))
-            };
-            let e = r.expect_err("a reply nobody asked for was taken");
-            assert_refused(
-                &e,
-                call,
-                &format!("answered stream {bogus}, which no request in flight uses"),
-            );
-            within(Duration::from_secs(1), guest)
-                .await
-                .0
-                .expect("guest");
+                refused_at_once("CreateContainer", &needle, c.create_container(&req)).await;
+            }
+            assert_closed(guest).await;
         });
     }
 }
@@ -507,23 +521,12 @@ fn the_right_stream_with_the_wrong_message_type_is_refused() {
                 g.send(&response(h.stream_id, type_, &healthy())).await;
                 g.silent().await;
             });
-            let c = AgentClient::connect(&addr, &opts(), None)
-                .await
-                .expect("connect");
+            let c = connected(&addr).await;
             // WaitProcess has no timeout: only the refusal can end it.
-            let (r, took) = within(at_once(), c.wait_process("c", "")).await;
-            let e = r.expect_err("a wrongly typed reply was taken");
-            assert_refused(
-                &e,
-                "WaitProcess",
-                &format!("sent a message of type {type_} on stream 3"),
-            );
-            assert!(took < at_once(), "{took:?}");
+            let needle = format!("sent a message of type {type_} on stream 3");
+            refused_at_once("WaitProcess", &needle, c.wait_process("c", "")).await;
             drop(c);
-            within(Duration::from_secs(1), guest)
-                .await
-                .0
-                .expect("the client kept the connection");
+            assert_closed(guest).await;
         });
     }
 }
@@ -543,9 +546,7 @@ fn a_reply_that_is_not_a_response_fails_that_call_only() {
                 .await;
             g.silent().await;
         });
-        let c = AgentClient::connect(&addr, &opts(), None)
-            .await
-            .expect("connect");
+        let c = connected(&addr).await;
         let req = CreateContainerRequest::default();
         let (r, took) = within(at_once(), c.create_container(&req)).await;
         let e = r.expect_err("garbage was taken for a response");
@@ -566,30 +567,16 @@ fn a_reply_that_is_not_a_response_fails_that_call_only() {
         let (r, _) = within(at_once(), c.health()).await;
         assert_eq!(r.expect("the next call").agent_version, "hostile");
         drop(c);
-        within(Duration::from_secs(1), guest)
-            .await
-            .0
-            .expect("the client kept the connection");
+        assert_closed(guest).await;
     });
 }
 
 #[test]
 fn a_silent_backend_hits_the_dial_deadline() {
     hostile(|addr, listener| async move {
-        let guest = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let (s, _) = listener.accept().await.expect("accept");
-                conns.spawn(Guest(s).silent());
-            }
-        });
-        let o = opts();
-        let (r, took) = within(o.deadline, AgentClient::connect(&addr, &o, None)).await;
+        let guest = backend(listener, |s| Guest(s).silent());
+        dial_times_out(&addr).await;
         guest.abort();
-        let e = r.expect_err("connected to a silent backend");
-        assert!(matches!(e, AgentError::DialTimeout { .. }), "{e}");
-        assert!(e.to_string().contains("did not answer within 1s"), "{e}");
-        assert!(took >= o.deadline, "{took:?}");
     });
 }
 
@@ -612,9 +599,7 @@ fn a_silent_agent_times_out_each_call_and_blocks_only_waits() {
         assert!(took >= o.call_timeout, "{took:?}");
 
         // Silent after Health: calls time out, WaitProcess waits by design.
-        let c = AgentClient::connect(&addr, &o, None)
-            .await
-            .expect("connect");
+        let c = connected(&addr).await;
         let req = CreateContainerRequest::default();
         let (r, took) = within(o.call_timeout, c.create_container(&req)).await;
         let e = r.expect_err("a silent agent answered");
@@ -635,9 +620,6 @@ fn a_silent_agent_times_out_each_call_and_blocks_only_waits() {
             "WaitProcess ended without an answer"
         );
         drop(c);
-        within(Duration::from_secs(1), guest)
-            .await
-            .0
-            .expect("the client kept the connection");
+        assert_closed(guest).await;
     });
 }
