@@ -6,10 +6,13 @@
 //!
 //! The agent runs in the guest, so its replies are untrusted: ttrpc bounds
 //! each message at 4 MiB, the dial handshake is bounded, and replies are
-//! checked where a bound is known (stdio chunks, strings).
+//! checked where a bound is known (stdio chunks, strings). Below ttrpc, every
+//! message header is checked too (`frames.rs`): a stream that breaks ttrpc's
+//! framing ends the connection instead of being read on.
 
 mod calls;
 mod dial;
+mod frames;
 #[cfg(test)]
 mod tests;
 
@@ -110,6 +113,8 @@ pub struct AgentClient {
     call_timeout: Duration,
     vm_end: Option<VmEndWatch>,
     health: HealthResponse,
+    /// Why the agent's stream was refused, once it was.
+    refused: frames::Verdict,
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -131,13 +136,15 @@ impl AgentClient {
         vm_end: Option<VmEndWatch>,
     ) -> Result<Self, AgentError> {
         let stream = dial::dial(address, opts, vm_end.as_ref()).await?;
-        let socket = ttrpc::r#async::transport::Socket::new(stream);
+        let (guarded, refused) = frames::FrameGuard::new(stream);
+        let socket = ttrpc::r#async::transport::Socket::new(guarded);
         let raw = agent_ttrpc::AgentClient::new(ttrpc::r#async::Client::new(socket));
         let mut me = Self {
             raw,
             call_timeout: opts.call_timeout,
             vm_end,
             health: HealthResponse::default(),
+            refused,
         };
         let health = me.health().await?;
         if health.status != "SERVING" {
@@ -202,7 +209,17 @@ impl AgentClient {
                         after: limit,
                     })?
             };
-            r.map_err(|source| AgentError::Rpc { call: name, source })
+            r.map_err(|source| match self.refused.get() {
+                // The connection ended because the agent broke the framing:
+                // that, not ttrpc's "closed", is what went wrong.
+                Some(reason) if !matches!(source, ttrpc::Error::RpcStatus(_)) => {
+                    AgentError::InvalidReply {
+                        call: name,
+                        reason: reason.clone(),
+                    }
+                }
+                _ => AgentError::Rpc { call: name, source },
+            })
         };
         let Some(end) = &self.vm_end else {
             return bounded.await;
