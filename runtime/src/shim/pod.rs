@@ -183,9 +183,9 @@ impl Pod {
         &self.shared
     }
 
-    /// The VMM's host pid.
+    /// The VMM's host pid (not its backends', which may start first).
     pub fn vmm_pid(&self) -> u32 {
-        self.sandbox.vm().processes().first().map_or(0, |(_, p)| *p)
+        self.sandbox.vm().vmm_pid().unwrap_or(0)
     }
 
     /// Powers the guest off (or kills it), then unmounts and removes the
