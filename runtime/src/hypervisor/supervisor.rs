@@ -609,7 +609,11 @@ mod tests {
     #[tokio::test]
     async fn the_vmm_pid_is_the_vmm_whatever_started_first() {
         let orders: [&[ProcessRole]; 2] = [
-            &[ProcessRole::VsockBackend, ProcessRole::FsBackend, ProcessRole::Vmm],
+            &[
+                ProcessRole::VsockBackend,
+                ProcessRole::FsBackend,
+                ProcessRole::Vmm,
+            ],
             &[ProcessRole::FsBackend, ProcessRole::Vmm],
         ];
         for order in orders {

@@ -18,7 +18,7 @@ use crate::sandbox::{shared_dir_storage, Sandbox, GUEST_SHARED_DIR};
 use super::events::Events;
 use super::mounts::{prepare_shared_dir, remove_tree, unmount_below};
 use super::sizing::VmSize;
-use super::state::{check_id, pod_dir, record_processes, shared_dir, PodRecord};
+use super::state::{check_id, record_processes, PodKey, PodRecord};
 use super::ShimError;
 
 /// How long the guest gets to power off after DestroySandbox before QEMU
@@ -29,7 +29,8 @@ const POWEROFF_GRACE: Duration = Duration::from_secs(1);
 /// What a pod is started with.
 #[derive(Debug, Clone)]
 pub struct PodSpec {
-    pub id: String,
+    /// Whose pod it is; `key.pod` is its id.
+    pub key: PodKey,
     pub hostname: String,
     pub size: VmSize,
     /// Containers of the pod share one pid namespace.
@@ -40,6 +41,7 @@ pub struct PodSpec {
 #[derive(Debug)]
 pub struct Pod {
     pub id: String,
+    key: PodKey,
     sandbox: Sandbox,
     dir: PathBuf,
     shared: PathBuf,
@@ -55,12 +57,12 @@ impl Pod {
         config: &Config,
         events: Arc<Events>,
     ) -> Result<Arc<Self>, ShimError> {
-        check_id(&spec.id).map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
+        check_id(&spec.key.pod).map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
         check_assets(config)?;
-        let dir = pod_dir(&spec.id);
-        let shared = shared_dir(&spec.id);
+        let dir = spec.key.dir();
+        let shared = spec.key.shared_dir();
         let prep = {
-            let (dir, shared) = (dir.clone(), shared.clone());
+            let (dir, shared, key) = (dir.clone(), shared.clone(), spec.key.clone());
             tokio::task::spawn_blocking(move || -> Result<(), ShimError> {
                 use std::os::unix::fs::DirBuilderExt;
                 std::fs::DirBuilder::new()
@@ -70,6 +72,7 @@ impl Pod {
                     .map_err(|e| {
                         ShimError::Internal(format!("cannot create {}: {e}", dir.display()))
                     })?;
+                key.save_owner().map_err(ShimError::from_err)?;
                 prepare_shared_dir(&shared).map_err(ShimError::from_err)
             })
             .await
@@ -84,7 +87,8 @@ impl Pod {
                 let agent = sandbox.agent().clone();
                 let oom_watch = tokio::spawn(watch_oom(agent, events));
                 Ok(Arc::new(Self {
-                    id: spec.id.clone(),
+                    id: spec.key.pod.clone(),
+                    key: spec.key.clone(),
                     sandbox,
                     dir,
                     shared,
@@ -112,7 +116,7 @@ impl Pod {
                 chain(&e)
             ))
         })?;
-        let mut vm = VmConfig::new(spec.id.clone(), dir);
+        let mut vm = VmConfig::new(spec.key.pod.clone(), dir);
         vm.kernel = config.vm.kernel.clone();
         vm.initrd = config.vm.initrd.clone();
         vm.kernel_params = config
@@ -131,7 +135,7 @@ impl Pod {
             ..DialOptions::default()
         };
         tracing::info!(
-            pod = %spec.id, backend = hypervisor.name(), vcpus = vm.vcpus, memory_mib = vm.memory_mib,
+            pod = %spec.key.pod, namespace = %spec.key.namespace, backend = hypervisor.name(), vcpus = vm.vcpus, memory_mib = vm.memory_mib,
             "starting the pod's VM"
         );
         let started = std::time::Instant::now();
@@ -155,7 +159,7 @@ impl Pod {
         let agent = sandbox.agent();
         let _ = agent.set_time(SystemTime::now()).await;
         let req = CreateSandboxRequest {
-            sandbox_id: spec.id.clone(),
+            sandbox_id: spec.key.pod.clone(),
             hostname: spec.hostname.clone(),
             storages: vec![shared_dir_storage()],
             shared_dir: GUEST_SHARED_DIR.into(),
@@ -166,7 +170,7 @@ impl Pod {
             let exit = sandbox.vm().kill().await;
             return Err(ShimError::Vm(format!("{} (VM killed: {exit})", chain(&e))));
         }
-        tracing::info!(pod = %spec.id, elapsed_ms = started.elapsed().as_millis() as u64, "pod ready");
+        tracing::info!(pod = %spec.key.pod, elapsed_ms = started.elapsed().as_millis() as u64, "pod ready");
         Ok(sandbox)
     }
 
@@ -176,6 +180,11 @@ impl Pod {
 
     pub fn sandbox(&self) -> &Sandbox {
         &self.sandbox
+    }
+
+    /// Whose pod it is (and so where its state lives).
+    pub fn key(&self) -> &PodKey {
+        &self.key
     }
 
     /// The pod's shared directory on the host.
