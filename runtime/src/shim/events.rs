@@ -4,37 +4,31 @@ use containerd_shim::event::Event;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim_protos::ttrpc::context::Context;
 
-/// Where events go.
-enum Sink {
-    Remote(RemotePublisher),
-    /// Unit tests: the topics, in order.
-    #[cfg(test)]
-    Recorded(std::sync::Mutex<Vec<String>>),
-}
-
 /// The publisher and the namespace every event is published in.
 pub struct Events {
-    sink: Sink,
+    /// `None` only in unit tests, which record topics instead.
+    publisher: Option<RemotePublisher>,
     namespace: String,
+    #[cfg(test)]
+    recorded: std::sync::Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for Events {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut d = f.debug_struct("Events");
-        match &self.sink {
-            Sink::Remote(p) => d.field("address", &p.address),
-            #[cfg(test)]
-            Sink::Recorded(_) => d.field("recorded", &true),
-        };
-        d.field("namespace", &self.namespace).finish()
+        f.debug_struct("Events")
+            .field("address", &self.publisher.as_ref().map(|p| &p.address))
+            .field("namespace", &self.namespace)
+            .finish()
     }
 }
 
 impl Events {
     pub fn new(publisher: RemotePublisher, namespace: &str) -> Self {
         Self {
-            sink: Sink::Remote(publisher),
+            publisher: Some(publisher),
             namespace: namespace.to_string(),
+            #[cfg(test)]
+            recorded: std::sync::Mutex::default(),
         }
     }
 
@@ -42,18 +36,19 @@ impl Events {
     #[cfg(test)]
     pub fn recorded(namespace: &str) -> Self {
         Self {
-            sink: Sink::Recorded(std::sync::Mutex::default()),
+            publisher: None,
             namespace: namespace.to_string(),
+            recorded: std::sync::Mutex::default(),
         }
     }
 
-    /// The topics published so far (recorded events only).
+    /// The topics published so far.
     #[cfg(test)]
     pub fn topics(&self) -> Vec<String> {
-        match &self.sink {
-            Sink::Recorded(t) => t.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-            Sink::Remote(_) => Vec::new(),
-        }
+        self.recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Queues `event` on its topic. The publisher retries on its own; a
@@ -62,13 +57,13 @@ impl Events {
     pub async fn publish<E: Event + Send + 'static>(&self, event: E) {
         let topic = event.topic();
         tracing::debug!(%topic, "publishing event");
-        let publisher = match &self.sink {
-            Sink::Remote(p) => p,
-            #[cfg(test)]
-            Sink::Recorded(t) => {
-                t.lock().unwrap_or_else(|e| e.into_inner()).push(topic);
-                return;
-            }
+        #[cfg(test)]
+        self.recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(topic.clone());
+        let Some(publisher) = &self.publisher else {
+            return;
         };
         if let Err(e) = publisher
             .publish(Context::default(), &topic, &self.namespace, Box::new(event))
