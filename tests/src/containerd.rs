@@ -23,7 +23,11 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::{busybox_rootfs, guest_dir, is_root, require, which, workspace_root, BUSYBOX};
+use containerd_shim_protos::api::ConnectRequest;
+use containerd_shim_protos::shim_sync::{Client, TaskClient};
+use containerd_shim_protos::ttrpc::context;
 use nutshell_runtime::shim::mounts::mounts_below;
+use nutshell_runtime::shim::state::PodKey;
 
 /// The busybox image every test runs.
 pub const BUSYBOX_IMAGE: &str = "docker.io/nutshell/busybox:latest";
@@ -167,6 +171,15 @@ impl Containerd {
             nutshell_config: nutshell_config_path,
         };
         c.spawn()?;
+        // Once for ctr, once for the CRI plugin, which only sees k8s.io.
+        for ns in [NAMESPACE, CRI_NAMESPACE] {
+            c.import_images(ns)?;
+        }
+        Ok(c)
+    }
+
+    /// Imports the busybox and pause images into namespace `ns`.
+    pub fn import_images(&self, ns: &str) -> io::Result<()> {
         let images = test_images()?;
         for (tar, name) in [
             (&images.busybox, BUSYBOX_IMAGE),
@@ -174,19 +187,42 @@ impl Containerd {
         ] {
             let base = name.rsplit_once(':').map_or(name, |(b, _)| b);
             let tar = tar.display().to_string();
-            // Once for ctr, once for the CRI plugin, which only sees k8s.io.
-            for ns in [NAMESPACE, CRI_NAMESPACE] {
-                let args = ["images", "import", "--base-name", base, &tar];
-                let out = c.ctr_in(ns, &args).stdin(Stdio::null()).output()?;
-                if !out.status.success() {
-                    return Err(io::Error::other(format!(
-                        "ctr images import into {ns} failed: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    )));
-                }
+            let args = ["images", "import", "--base-name", base, &tar];
+            let out = self.ctr_in(ns, &args).stdin(Stdio::null()).output()?;
+            if !out.status.success() {
+                return Err(io::Error::other(format!(
+                    "ctr images import into {ns} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )));
             }
         }
-        Ok(c)
+        Ok(())
+    }
+
+    /// The state directory of pod `pod` of namespace `ns` of this
+    /// containerd (the shim's own function computes it).
+    pub fn pod_dir(&self, ns: &str, pod: &str) -> PathBuf {
+        PodKey::new(&self.socket.display().to_string(), ns, pod).dir()
+    }
+
+    /// The pid task `id`'s shim reports as the task's in Connect (what
+    /// containerd takes for the task's host process).
+    pub fn shim_task_pid(&self, ns: &str, id: &str) -> io::Result<u32> {
+        let bundle = self
+            .dir
+            .join("state/io.containerd.runtime.v2.task")
+            .join(ns)
+            .join(id);
+        let address = fs::read_to_string(bundle.join("address"))?;
+        let client = Client::connect(address.trim()).map_err(io::Error::other)?;
+        let req = ConnectRequest {
+            id: id.to_string(),
+            ..Default::default()
+        };
+        let resp = TaskClient::new(client)
+            .connect(context::with_timeout(10_000_000_000), &req)
+            .map_err(io::Error::other)?;
+        Ok(resp.task_pid)
     }
 
     fn spawn(&mut self) -> io::Result<()> {
@@ -351,10 +387,19 @@ impl Containerd {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
-    /// Kills and deletes every task and container left in [`NAMESPACE`] and
-    /// [`CRI_NAMESPACE`].
+    /// Kills and deletes every task and container left, in every namespace.
     pub fn remove_everything(&self) {
-        for ns in [NAMESPACE, CRI_NAMESPACE] {
+        let listed = self
+            .ctr(&["namespaces", "list", "-q"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let mut namespaces: Vec<&str> = listed.lines().map(str::trim).collect();
+        namespaces.extend([NAMESPACE, CRI_NAMESPACE]);
+        namespaces.retain(|n| !n.is_empty());
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        for ns in namespaces {
             let list = |what: &str| {
                 self.ctr_in(ns, &[what, "list", "-q"])
                     .output()

@@ -18,7 +18,7 @@ use k8s_cri::v1::{
 };
 use nutshell_tests::containerd::{
     guest_kernel_release, prerequisites, serial, test_nutshell_config, Containerd, Footprint,
-    BUSYBOX_IMAGE, CRI_NAMESPACE, NUTSHELL_HANDLER, NUTSHELL_RUN_DIR,
+    BUSYBOX_IMAGE, CRI_NAMESPACE, NUTSHELL_HANDLER,
 };
 use nutshell_tests::require;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -39,32 +39,17 @@ async fn cri_client(socket: PathBuf) -> RuntimeServiceClient<Channel> {
     RuntimeServiceClient::new(channel)
 }
 
-/// QEMU processes serving pod `pod`.
-fn vms_of(pod: &str) -> usize {
-    Footprint::now()
-        .processes
-        .iter()
-        .filter(|(pid, name)| {
-            name == "qemu-system-x86_64"
-                && std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| {
-                        String::from_utf8_lossy(&c).contains(&format!("{NUTSHELL_RUN_DIR}/{pod}/"))
-                    })
-                    .unwrap_or(false)
-        })
-        .count()
-}
-
-/// The command line of the QEMU serving pod `pod`.
-fn vm_cmdline(pod: &str) -> String {
+/// The command lines of the QEMUs serving CRI pod `pod` of `c`.
+fn vm_cmdlines(c: &Containerd, pod: &str) -> Vec<String> {
+    let dir = format!("{}/", c.pod_dir(CRI_NAMESPACE, pod).display());
     Footprint::now()
         .processes
         .iter()
         .filter(|(_, name)| name == "qemu-system-x86_64")
         .filter_map(|(pid, _)| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
         .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .find(|c| c.contains(&format!("{NUTSHELL_RUN_DIR}/{pod}/")))
-        .unwrap_or_default()
+        .filter(|c| c.contains(&dir))
+        .collect()
 }
 
 #[test]
@@ -186,11 +171,12 @@ fn a_cri_pod_with_two_containers_runs_in_one_vm() {
             .unwrap_or_else(|e| panic!("StartContainer {name}: {e}\n{}", c.log_tail(80)));
             ids.push(id);
         }
-        assert_eq!(vms_of(&pod), 1, "exactly one VM serves the pod");
+        let vms = vm_cmdlines(&c, &pod);
+        assert_eq!(vms.len(), 1, "exactly one VM serves the pod");
         assert!(
-            vm_cmdline(&pod).contains("size=320M"),
+            vms[0].contains("size=320M"),
             "the pod annotation sized the VM: {}",
-            vm_cmdline(&pod)
+            vms[0]
         );
 
         let exec = cri
@@ -304,7 +290,11 @@ fn a_cri_pod_with_two_containers_runs_in_one_vm() {
             .await
             .unwrap_or_else(|e| panic!("RemoveContainer: {e}\n{}", c.log_tail(80)));
         }
-        assert_eq!(vms_of(&pod), 1, "the VM outlives its containers");
+        assert_eq!(
+            vm_cmdlines(&c, &pod).len(),
+            1,
+            "the VM outlives its containers"
+        );
         cri.stop_pod_sandbox(StopPodSandboxRequest {
             pod_sandbox_id: pod.clone(),
         })

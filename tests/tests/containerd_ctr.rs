@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nutshell_tests::containerd::{
     guest_kernel_release, output_with_timeout, start_test, test_nutshell_config, Containerd,
-    BUSYBOX_IMAGE, NUTSHELL_RUNTIME,
+    BUSYBOX_IMAGE, NAMESPACE, NUTSHELL_RUNTIME,
 };
 use nutshell_tests::{require, which};
 
@@ -167,6 +167,13 @@ fn ctr_task_exec_ps_metrics_pause_resume_and_kill() {
             "trap 'exit 143' TERM; touch /trapped; while true; do sleep 1; done",
         ],
     );
+    // Connect's task pid is the VMM's: QEMU here, not a vhost-user backend
+    // that started before it.
+    let pid = c
+        .shim_task_pid(NAMESPACE, "busy1")
+        .expect("the shim answers Connect");
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert!(comm.starts_with("qemu-system"), "pid {pid} is {comm:?}");
 
     let out = c
         .ctr(&[

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use nutshell_runtime::hypervisor::select::{kvm_verdict, KvmVerdict};
-use nutshell_tests::containerd::{start_test, test_nutshell_config, Containerd, NUTSHELL_RUN_DIR};
+use nutshell_tests::containerd::{start_test, test_nutshell_config, Containerd, NAMESPACE};
 
 /// How long a test gives nutshell to clean up before checking.
 const SETTLE: Duration = Duration::from_secs(30);
@@ -35,8 +35,8 @@ fn wait_status(c: &Containerd, id: &str, want: &str, limit: Duration) -> bool {
 
 /// The pid a pod's `vm.json` records for `field` ("shim_pid") or for the
 /// process whose role mentions `role`.
-fn recorded_pid(pod: &str, role: &str) -> u32 {
-    let path = format!("{NUTSHELL_RUN_DIR}/{pod}/vm.json");
+fn recorded_pid(c: &Containerd, pod: &str, role: &str) -> u32 {
+    let path = c.pod_dir(NAMESPACE, pod).join("vm.json");
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&path).expect("vm.json exists")).unwrap();
     if role == "shim" {
@@ -155,7 +155,7 @@ fn killing_the_vm_ends_the_task_and_delete_cleans_up() {
         return;
     };
     c.run_detached("vmkill", &["sleep", "1000"]);
-    kill9(recorded_pid("vmkill", "VMM"));
+    kill9(recorded_pid(&c, "vmkill", "VMM"));
     assert!(
         wait_status(&c, "vmkill", "STOPPED", Duration::from_secs(30)),
         "the task stops when its VM dies"
@@ -175,7 +175,7 @@ fn killing_the_shim_leaves_nothing_behind() {
         return;
     };
     c.run_detached("shimkill", &["sleep", "1000"]);
-    kill9(recorded_pid("shimkill", "shim"));
+    kill9(recorded_pid(&c, "shimkill", "shim"));
     assert!(
         // containerd runs `shim delete` and drops the task (or, racing,
         // shows it stopped).
@@ -194,7 +194,7 @@ fn a_pod_survives_a_containerd_restart() {
         return;
     };
     c.run_detached("restart1", &["sh", "-c", "while true; do sleep 1; done"]);
-    let vmm = recorded_pid("restart1", "VMM");
+    let vmm = recorded_pid(&c, "restart1", "VMM");
     c.restart().unwrap();
     assert!(
         wait_status(&c, "restart1", "RUNNING", Duration::from_secs(30)),

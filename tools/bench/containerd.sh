@@ -67,7 +67,8 @@ done
 # An idle pod: memory of the shim and of the whole pod.
 ns_ctr run -d --runtime io.containerd.nutshell.v2 "$NS_BUSYBOX_IMAGE" bench-idle sleep 100000 </dev/null >/dev/null
 sleep 5
-rec=/run/nutshell/bench-idle/vm.json
+# Pod directories are named by a hash; owner.json says whose each is.
+rec=$(dirname "$(grep -l '"pod": "bench-idle"' /run/nutshell/*/owner.json | head -1)")/vm.json
 shim=$(sed -n 's/.*"shim_pid":\([0-9]*\).*/\1/p' "$rec")
 vm_pids=$(grep -o '"pid":[0-9]*' "$rec" | cut -d: -f2)
 # The VM processes lead their own process groups; virtiofsd forks a child.

@@ -161,13 +161,6 @@ impl AgentClient {
         Ok(me)
     }
 
-    /// The generated ttrpc client, for calls this wrapper does not cover.
-    /// Calls made through it have no VM-end watch and only the timeout the
-    /// caller gives.
-    pub fn raw(&self) -> &agent_ttrpc::AgentClient {
-        &self.raw
-    }
-
     /// The agent's version, as its Health reported it (sanitised).
     pub fn agent_version(&self) -> String {
         sanitize_line(&self.health.agent_version)

@@ -88,7 +88,7 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Guest memory in MiB. Host memory is only used as the guest touches it.
     pub memory_mib: u32,
-    /// Per-pod state directory (`/run/nutshell/<id>/`): sockets and the
+    /// Per-pod state directory (the shim's is `/run/nutshell/<hash>/`): sockets and the
     /// console log go here. Created when missing; what the VM put there is
     /// removed when it ends.
     pub state_dir: PathBuf,

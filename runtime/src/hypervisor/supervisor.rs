@@ -603,6 +603,36 @@ mod tests {
         assert!(!alive(backend));
     }
 
+    /// Both backends start their vhost-user backends before the VMM (QEMU:
+    /// vsock then virtio-fs; nutshell-vmm: virtio-fs), so the VMM's pid is
+    /// never simply the first one.
+    #[tokio::test]
+    async fn the_vmm_pid_is_the_vmm_whatever_started_first() {
+        let orders: [&[ProcessRole]; 2] = [
+            &[
+                ProcessRole::VsockBackend,
+                ProcessRole::FsBackend,
+                ProcessRole::Vmm,
+            ],
+            &[ProcessRole::FsBackend, ProcessRole::Vmm],
+        ];
+        for order in orders {
+            let dir = tempfile::tempdir().unwrap();
+            let mut t = tree(dir.path());
+            let mut vmm = None;
+            for &role in order {
+                let pid = t.spawn(role, "fake", sh("exec sleep 30")).unwrap();
+                if role == ProcessRole::Vmm {
+                    vmm = Some(pid);
+                }
+            }
+            let vm = t.into_running(dir.path().join("none"));
+            assert_ne!(vm.processes()[0].0, ProcessRole::Vmm);
+            assert_eq!(vm.vmm_pid(), vmm, "{order:?}");
+            vm.kill().await;
+        }
+    }
+
     #[tokio::test]
     async fn shutdown_terms_the_vmm_after_the_grace_period() {
         let dir = tempfile::tempdir().unwrap();

@@ -227,6 +227,14 @@ impl RunningVm {
         &self.processes
     }
 
+    /// Host pid of the VMM itself; `None` only for a VM built without one.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.processes
+            .iter()
+            .find(|(role, _)| *role == ProcessRole::Vmm)
+            .map(|(_, pid)| *pid)
+    }
+
     /// Host memory of the VM's whole process tree.
     pub fn host_memory(&self) -> io::Result<HostMemory> {
         let pgids: Vec<u32> = self.processes.iter().map(|(_, p)| *p).collect();

@@ -6,14 +6,17 @@ use containerd_shim_protos::ttrpc::context::Context;
 
 /// The publisher and the namespace every event is published in.
 pub struct Events {
-    publisher: RemotePublisher,
+    /// `None` only in unit tests, which record topics instead.
+    publisher: Option<RemotePublisher>,
     namespace: String,
+    #[cfg(test)]
+    recorded: std::sync::Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for Events {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Events")
-            .field("address", &self.publisher.address)
+            .field("address", &self.publisher.as_ref().map(|p| &p.address))
             .field("namespace", &self.namespace)
             .finish()
     }
@@ -22,9 +25,30 @@ impl std::fmt::Debug for Events {
 impl Events {
     pub fn new(publisher: RemotePublisher, namespace: &str) -> Self {
         Self {
-            publisher,
+            publisher: Some(publisher),
             namespace: namespace.to_string(),
+            #[cfg(test)]
+            recorded: std::sync::Mutex::default(),
         }
+    }
+
+    /// Events that are only recorded ([`Self::topics`]).
+    #[cfg(test)]
+    pub fn recorded(namespace: &str) -> Self {
+        Self {
+            publisher: None,
+            namespace: namespace.to_string(),
+            recorded: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The topics published so far.
+    #[cfg(test)]
+    pub fn topics(&self) -> Vec<String> {
+        self.recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Queues `event` on its topic. The publisher retries on its own; a
@@ -33,8 +57,15 @@ impl Events {
     pub async fn publish<E: Event + Send + 'static>(&self, event: E) {
         let topic = event.topic();
         tracing::debug!(%topic, "publishing event");
-        if let Err(e) = self
-            .publisher
+        #[cfg(test)]
+        self.recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(topic.clone());
+        let Some(publisher) = &self.publisher else {
+            return;
+        };
+        if let Err(e) = publisher
             .publish(Context::default(), &topic, &self.namespace, Box::new(event))
             .await
         {

@@ -9,7 +9,7 @@
 //! in the guest ([`task`]); stdio is relayed between containerd's FIFOs or
 //! log URIs and the agent ([`stdio`]); rootfs and volumes reach the guest
 //! through the pod's virtio-fs shared directory ([`mounts`]); per-pod state
-//! under `/run/nutshell/<pod>/` lets `shim delete` clean up after a dead
+//! under `/run/nutshell/<hash>/` lets `shim delete` clean up after a dead
 //! shim ([`state`]).
 
 pub mod events;

@@ -1,7 +1,7 @@
 //! Getting a container's filesystems into the guest.
 //!
 //! The pod has one shared directory on the host,
-//! `/run/nutshell/<pod>/shared`, which virtio-fs shows to the guest at
+//! `/run/nutshell/<hash>/shared`, which virtio-fs shows to the guest at
 //! [`GUEST_SHARED_DIR`]. Each container gets `shared/<cid>/rootfs` (the
 //! mounts containerd handed over: an overlay from the default snapshotter,
 //! or a bind from the native one) and `shared/<cid>/volumes/<n>-<name>`

@@ -17,7 +17,7 @@ use crate::sandbox::Sandbox;
 use super::events::Events;
 use super::mounts::{prepare_shared_dir, remove_tree, unmount_below};
 use super::sizing::VmSize;
-use super::state::{check_id, pod_dir, record_processes, shared_dir, PodRecord};
+use super::state::{check_id, record_processes, PodKey, PodRecord};
 use super::ShimError;
 
 /// How long the guest gets to power off after DestroySandbox before QEMU
@@ -28,7 +28,8 @@ const POWEROFF_GRACE: Duration = Duration::from_secs(1);
 /// What a pod is started with.
 #[derive(Debug, Clone)]
 pub struct PodSpec {
-    pub id: String,
+    /// Whose pod it is; `key.pod` is its id.
+    pub key: PodKey,
     pub hostname: String,
     pub size: VmSize,
     /// Containers of the pod share one pid namespace.
@@ -39,6 +40,7 @@ pub struct PodSpec {
 #[derive(Debug)]
 pub struct Pod {
     pub id: String,
+    key: PodKey,
     sandbox: Sandbox,
     dir: PathBuf,
     shared: PathBuf,
@@ -54,12 +56,12 @@ impl Pod {
         config: &Config,
         events: Arc<Events>,
     ) -> Result<Arc<Self>, ShimError> {
-        check_id(&spec.id).map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
+        check_id(&spec.key.pod).map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
         check_assets(config)?;
-        let dir = pod_dir(&spec.id);
-        let shared = shared_dir(&spec.id);
+        let dir = spec.key.dir();
+        let shared = spec.key.shared_dir();
         let prep = {
-            let (dir, shared) = (dir.clone(), shared.clone());
+            let (dir, shared, key) = (dir.clone(), shared.clone(), spec.key.clone());
             tokio::task::spawn_blocking(move || -> Result<(), ShimError> {
                 use std::os::unix::fs::DirBuilderExt;
                 std::fs::DirBuilder::new()
@@ -69,6 +71,7 @@ impl Pod {
                     .map_err(|e| {
                         ShimError::Internal(format!("cannot create {}: {e}", dir.display()))
                     })?;
+                key.save_owner().map_err(ShimError::from_err)?;
                 prepare_shared_dir(&shared).map_err(ShimError::from_err)
             })
             .await
@@ -83,7 +86,8 @@ impl Pod {
                 let agent = sandbox.agent().clone();
                 let oom_watch = tokio::spawn(watch_oom(agent, events));
                 Ok(Arc::new(Self {
-                    id: spec.id.clone(),
+                    id: spec.key.pod.clone(),
+                    key: spec.key.clone(),
                     sandbox,
                     dir,
                     shared,
@@ -111,7 +115,7 @@ impl Pod {
                 chain(&e)
             ))
         })?;
-        let mut vm = VmConfig::new(spec.id.clone(), dir);
+        let mut vm = VmConfig::new(spec.key.pod.clone(), dir);
         vm.kernel = config.vm.kernel.clone();
         vm.initrd = config.vm.initrd.clone();
         vm.kernel_params = config
@@ -130,7 +134,7 @@ impl Pod {
             ..DialOptions::default()
         };
         tracing::info!(
-            pod = %spec.id, backend = hypervisor.name(), vcpus = vm.vcpus, memory_mib = vm.memory_mib,
+            pod = %spec.key.pod, namespace = %spec.key.namespace, backend = hypervisor.name(), vcpus = vm.vcpus, memory_mib = vm.memory_mib,
             "starting the pod's VM"
         );
         let started = std::time::Instant::now();
@@ -152,13 +156,13 @@ impl Pod {
             tracing::warn!(error = %chain(&e), "cannot record the VM's processes");
         }
         if let Err(e) = sandbox
-            .set_up(&spec.id, &spec.hostname, spec.shared_pid_ns)
+            .set_up(&spec.key.pod, &spec.hostname, spec.shared_pid_ns)
             .await
         {
             let exit = sandbox.vm().kill().await;
             return Err(ShimError::Vm(format!("{} (VM killed: {exit})", chain(&e))));
         }
-        tracing::info!(pod = %spec.id, elapsed_ms = started.elapsed().as_millis() as u64, "pod ready");
+        tracing::info!(pod = %spec.key.pod, elapsed_ms = started.elapsed().as_millis() as u64, "pod ready");
         Ok(sandbox)
     }
 
@@ -170,14 +174,19 @@ impl Pod {
         &self.sandbox
     }
 
+    /// Whose pod it is (and so where its state lives).
+    pub fn key(&self) -> &PodKey {
+        &self.key
+    }
+
     /// The pod's shared directory on the host.
     pub fn shared_dir(&self) -> &Path {
         &self.shared
     }
 
-    /// The VMM's host pid.
+    /// The VMM's host pid (not its backends', which may start first).
     pub fn vmm_pid(&self) -> u32 {
-        self.sandbox.vm().processes().first().map_or(0, |(_, p)| *p)
+        self.sandbox.vm().vmm_pid().unwrap_or(0)
     }
 
     /// Powers the guest off (or kills it), then unmounts and removes the

@@ -43,10 +43,19 @@ pub fn timestamp(t: SystemTime) -> Timestamp {
     }
 }
 
+/// Where a process is in its start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Created,
+    /// A Start call holds the claim ([`Process::claim_start`]).
+    Starting,
+    Started,
+}
+
 #[derive(Debug)]
 struct ProcState {
     pid: u32,
-    started: bool,
+    phase: Phase,
     paused: bool,
 }
 
@@ -78,7 +87,7 @@ impl Process {
             spec_json,
             state: Mutex::new(ProcState {
                 pid: 0,
-                started: false,
+                phase: Phase::Created,
                 paused: false,
             }),
             exit: watch::channel(None).0,
@@ -104,14 +113,24 @@ impl Process {
         lock(&self.state).pid = pid;
     }
 
-    pub fn set_started(&self, pid: u32) {
+    /// Claims the right to start the process: one caller gets it, any
+    /// other concurrent or later one gets `None`. The claim is given back
+    /// when dropped uncommitted, so a failed start can be retried.
+    pub fn claim_start(self: &Arc<Self>) -> Option<StartClaim> {
         let mut s = lock(&self.state);
-        s.pid = pid;
-        s.started = true;
+        if s.phase != Phase::Created {
+            return None;
+        }
+        s.phase = Phase::Starting;
+        Some(StartClaim {
+            process: Some(self.clone()),
+        })
     }
 
+    /// Whether a start was claimed (running, or about to): such a process
+    /// is no longer merely created.
     pub fn started(&self) -> bool {
-        lock(&self.state).started
+        lock(&self.state).phase != Phase::Created
     }
 
     pub fn set_paused(&self, paused: bool) {
@@ -124,10 +143,10 @@ impl Process {
             return Status::STOPPED;
         }
         let s = lock(&self.state);
-        match (s.started, s.paused) {
-            (false, _) => Status::CREATED,
-            (true, true) => Status::PAUSED,
-            (true, false) => Status::RUNNING,
+        match (s.phase, s.paused) {
+            (Phase::Created | Phase::Starting, _) => Status::CREATED,
+            (Phase::Started, true) => Status::PAUSED,
+            (Phase::Started, false) => Status::RUNNING,
         }
     }
 
@@ -183,6 +202,31 @@ impl Process {
     pub async fn stop_relays(&self) {
         if let Some(mut r) = self.relays.lock().await.take() {
             r.stop();
+        }
+    }
+}
+
+/// The one claim on starting a process ([`Process::claim_start`]).
+#[derive(Debug)]
+pub struct StartClaim {
+    process: Option<Arc<Process>>,
+}
+
+impl StartClaim {
+    /// The process runs as `pid`.
+    pub fn commit(mut self, pid: u32) {
+        if let Some(p) = self.process.take() {
+            let mut s = lock(&p.state);
+            s.pid = pid;
+            s.phase = Phase::Started;
+        }
+    }
+}
+
+impl Drop for StartClaim {
+    fn drop(&mut self) {
+        if let Some(p) = self.process.take() {
+            lock(&p.state).phase = Phase::Created;
         }
     }
 }
@@ -248,8 +292,9 @@ mod tests {
     async fn exit_is_recorded_once_and_wakes_every_waiter() {
         let p = Arc::new(Process::new("c", "", StdioConfig::default(), Vec::new()));
         assert_eq!(p.status(), Status::CREATED);
-        p.set_started(42);
+        p.claim_start().unwrap().commit(42);
         assert_eq!(p.status(), Status::RUNNING);
+        assert_eq!(p.pid(), 42);
         p.set_paused(true);
         assert_eq!(p.status(), Status::PAUSED);
         p.set_paused(false);
@@ -268,6 +313,22 @@ mod tests {
         }
         assert_eq!(p.status(), Status::STOPPED);
         assert_eq!(p.exited().unwrap().status, 7);
+    }
+
+    #[test]
+    fn one_start_claim_at_a_time_and_a_dropped_one_is_given_back() {
+        let p = Arc::new(Process::new("c", "", StdioConfig::default(), Vec::new()));
+        let claim = p.claim_start().expect("the first claim");
+        assert!(p.claim_start().is_none(), "a second claim while starting");
+        assert!(p.started());
+        assert_eq!(p.status(), Status::CREATED, "not running yet");
+        drop(claim);
+        assert!(!p.started(), "a failed start leaves the process created");
+        p.claim_start().expect("claimable again").commit(7);
+        assert!(
+            p.claim_start().is_none(),
+            "a started process is not restarted"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use containerd_shim_protos::protobuf::MessageField;
 
 use super::events::Events;
 use super::process::timestamp;
-use super::state::{check_id, cleanup_container, cleanup_pod};
+use super::state::{check_id, cleanup_container, cleanup_pod, PodKey};
 use super::task::TaskService;
 use super::SANDBOX_ID_ANNOTATION;
 
@@ -26,6 +26,9 @@ const KILLED_EXIT_STATUS: u32 = 128 + 9;
 /// The `Shim` of `containerd-shim`: one value per shim process.
 pub struct NutshellShim {
     id: String,
+    /// containerd's gRPC address: with the namespace and the pod id it
+    /// names the pod's state ([`PodKey`]), in `delete` as in the shim.
+    address: String,
     namespace: String,
     bundle: PathBuf,
     exit: Arc<ExitSignal>,
@@ -67,6 +70,7 @@ impl Shim for NutshellShim {
         };
         Self {
             id: args.id.clone(),
+            address: args.address.clone(),
             namespace: args.namespace.clone(),
             bundle,
             exit: Arc::new(ExitSignal::default()),
@@ -89,13 +93,14 @@ impl Shim for NutshellShim {
     /// pod; any other container only its own part.
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
         let pod = pod_of(&self.id, &bundle_annotations(&self.bundle));
-        let (id, ns) = (self.id.clone(), self.namespace.clone());
-        tracing::info!(%id, %pod, namespace = %ns, "cleaning up after the shim");
+        let key = PodKey::new(&self.address, &self.namespace, &pod);
+        let id = self.id.clone();
+        tracing::info!(%id, %pod, namespace = %key.namespace, dir = %key.dir().display(), "cleaning up after the shim");
         let r = tokio::task::spawn_blocking(move || {
-            if pod == id {
-                cleanup_pod(&pod)
+            if key.pod == id {
+                cleanup_pod(&key)
             } else {
-                cleanup_container(&pod, &id)
+                cleanup_container(&key, &id)
             }
         })
         .await
@@ -120,6 +125,7 @@ impl Shim for NutshellShim {
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         TaskService::new(
+            &self.address,
             &self.namespace,
             Events::new(publisher, &self.namespace),
             self.exit.clone(),

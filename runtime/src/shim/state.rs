@@ -1,5 +1,5 @@
-//! The pod's state on the host, `/run/nutshell/<pod>/`, and the clean-up
-//! that works from it alone.
+//! The pod's state on the host, `/run/nutshell/<hash>/` ([`PodKey::dir`]),
+//! and the clean-up that works from it alone.
 //!
 //! The shim records the VM's processes in `vm.json` as soon as the VM runs.
 //! When the shim dies (`kill -9`, OOM) containerd runs `shim delete` for
@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::mounts::{remove_tree, unmount_below, MountError};
 
@@ -23,6 +24,10 @@ use super::mounts::{remove_tree, unmount_below, MountError};
 pub const RUN_DIR: &str = "/run/nutshell";
 /// File naming the VM's processes.
 const RECORD_FILE: &str = "vm.json";
+/// File naming whose pod a state directory holds.
+const OWNER_FILE: &str = "owner.json";
+/// Hex digits of the hash that names a pod's directory: 128 bits.
+const DIR_HASH_DIGITS: usize = 32;
 
 /// Errors cleaning a pod up.
 #[derive(Debug, thiserror::Error)]
@@ -59,14 +64,67 @@ pub fn check_id(id: &str) -> Result<(), StateError> {
     }
 }
 
-/// `/run/nutshell/<pod>`.
-pub fn pod_dir(pod: &str) -> PathBuf {
-    Path::new(RUN_DIR).join(pod)
+/// Whose a pod is. A container id is unique only within one namespace of
+/// one containerd, so the pod is named by all three: the containerd it
+/// serves (its gRPC address, the shim's `-address`), the namespace
+/// (`-namespace`) and the pod id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodKey {
+    pub address: String,
+    pub namespace: String,
+    pub pod: String,
 }
 
-/// The pod's shared directory on the host.
-pub fn shared_dir(pod: &str) -> PathBuf {
-    pod_dir(pod).join("shared")
+impl PodKey {
+    pub fn new(address: &str, namespace: &str, pod: &str) -> Self {
+        Self {
+            address: address.to_string(),
+            namespace: namespace.to_string(),
+            pod: pod.to_string(),
+        }
+    }
+
+    /// The pod's state directory: `/run/nutshell/<h>`, `<h>` the first 32
+    /// hex digits of SHA-256 over the address, namespace and pod id (each
+    /// length-prefixed, so no two keys run together into one input).
+    ///
+    /// Why a hash rather than runc's readable `<namespace>/<id>`: the VM's
+    /// Unix sockets live in this directory and a socket path holds at most
+    /// 107 bytes, while a namespace may take 76 characters and an id 128;
+    /// the address is itself a path. A fixed-length name keeps every
+    /// socket path near 60 bytes whatever the ids, and 128 bits make a
+    /// collision between two pods of one host unthinkable. `owner.json`
+    /// inside ([`Self::save_owner`]) says whose the directory is.
+    pub fn dir(&self) -> PathBuf {
+        let mut h = Sha256::new();
+        for part in [&self.address, &self.namespace, &self.pod] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        Path::new(RUN_DIR).join(&hex[..DIR_HASH_DIGITS])
+    }
+
+    /// The pod's shared directory on the host.
+    pub fn shared_dir(&self) -> PathBuf {
+        self.dir().join("shared")
+    }
+
+    /// Writes `owner.json` into the pod's directory, for whoever lists
+    /// `/run/nutshell`.
+    pub fn save_owner(&self) -> Result<(), StateError> {
+        let path = self.dir().join(OWNER_FILE);
+        let json = serde_json::to_vec_pretty(self).map_err(|e| StateError::Io {
+            what: "encode",
+            path: path.clone(),
+            source: io::Error::other(e),
+        })?;
+        fs::write(&path, json).map_err(|source| StateError::Io {
+            what: "write",
+            path,
+            source,
+        })
+    }
 }
 
 /// One recorded process of the VM.
@@ -178,10 +236,9 @@ fn is_zombie(pid: u32) -> bool {
 }
 
 /// Everything of a pod, after its shim died: kill the VM's processes,
-/// unmount, remove `/run/nutshell/<pod>`.
-pub fn cleanup_pod(pod: &str) -> Result<(), StateError> {
-    check_id(pod)?;
-    let dir = pod_dir(pod);
+/// unmount, remove the pod's directory.
+pub fn cleanup_pod(key: &PodKey) -> Result<(), StateError> {
+    let dir = key.dir();
     if let Some(record) = PodRecord::load(&dir) {
         let left = kill_recorded(&record, Duration::from_secs(5));
         if !left.is_empty() {
@@ -194,10 +251,9 @@ pub fn cleanup_pod(pod: &str) -> Result<(), StateError> {
 }
 
 /// One container's part of a pod: its rootfs and volumes.
-pub fn cleanup_container(pod: &str, cid: &str) -> Result<(), StateError> {
-    check_id(pod)?;
+pub fn cleanup_container(key: &PodKey, cid: &str) -> Result<(), StateError> {
     check_id(cid)?;
-    let dir = shared_dir(pod).join(cid);
+    let dir = key.shared_dir().join(cid);
     unmount_below(&dir)?;
     remove_tree(&dir)?;
     Ok(())
@@ -215,6 +271,36 @@ mod tests {
         for good in ["abc", "pod-1_2.x", "0123456789abcdef"] {
             check_id(good).unwrap();
         }
+    }
+
+    #[test]
+    fn pods_are_keyed_by_containerd_namespace_and_id() {
+        let a = PodKey::new("/run/containerd/containerd.sock", "alpha", "same");
+        let dirs = [
+            a.dir(),
+            PodKey::new(&a.address, "beta", "same").dir(),
+            PodKey::new("/run/other/containerd.sock", "alpha", "same").dir(),
+            PodKey::new(&a.address, "alpha", "other").dir(),
+            // Length prefixes: moving a character between fields is a new key.
+            PodKey::new(&a.address, "alphas", "ame").dir(),
+        ];
+        for (i, d) in dirs.iter().enumerate() {
+            assert!(d.starts_with(RUN_DIR), "{d:?}");
+            for e in &dirs[i + 1..] {
+                assert_ne!(d, e);
+            }
+        }
+        assert_eq!(a.dir(), a.clone().dir(), "one key, one directory");
+        assert_eq!(a.shared_dir(), a.dir().join("shared"));
+    }
+
+    #[test]
+    fn socket_paths_fit_for_the_longest_ids() {
+        // sun_path holds 108 bytes with its NUL; the longest socket a VM
+        // makes is the hybrid vsock's per-port one, `vsock.sock_<port>`.
+        let key = PodKey::new(&"/a".repeat(200), &"n".repeat(76), &"i".repeat(128));
+        let longest = key.dir().join("vsock.sock_4294967295");
+        assert!(longest.as_os_str().len() < 108, "{longest:?}");
     }
 
     #[test]

@@ -6,39 +6,49 @@
 //! mutex held only to look up or change the map. No lock is held across an
 //! agent call that can block (Wait, stdio), so `Wait` never stalls other
 //! calls.
+//!
+//! Claims: a Create reserves its id in `containers` before its first await
+//! ([`CreateClaim`]) and a Start claims its process's start
+//! ([`Process::claim_start`]), so of two concurrent calls for one id one
+//! goes ahead and the other fails at once; a failed call gives its claim
+//! back.
+//!
+//! The pod is reached through [`PodApi`] (`pod_api.rs`), so the state
+//! machine here runs against a fake in the unit tests (`tests.rs`); the
+//! ttrpc glue is in `api.rs`.
+
+mod api;
+mod pod_api;
+#[cfg(test)]
+mod tests;
+
+pub use pod_api::{PodApi, PodLauncher, VmLauncher};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
-use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
+use containerd_shim::ExitSignal;
 use containerd_shim_protos::api::{
-    CheckpointTaskRequest, CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest,
-    CreateTaskResponse, DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest,
-    PauseRequest, PidsRequest, PidsResponse, ProcessInfo, ResizePtyRequest, ResumeRequest,
-    ShutdownRequest, StartRequest, StartResponse, StateRequest, StateResponse, StatsRequest,
-    StatsResponse, UpdateTaskRequest, WaitRequest, WaitResponse,
+    CreateTaskRequest, CreateTaskResponse, DeleteRequest, DeleteResponse, ExecProcessRequest,
+    KillRequest, StartRequest, StartResponse, StateRequest, StateResponse,
 };
 use containerd_shim_protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
     TaskResumed, TaskStart,
 };
 use containerd_shim_protos::protobuf::MessageField;
-use containerd_shim_protos::shim_async::Task;
 use nutshell_protocol::agent::{CreateContainerRequest, ExecProcessRequest as AgentExec};
 use oci_spec::runtime::Spec;
 
 use super::events::Events;
-use super::mounts::{bind_volume, guest_rootfs, host_kind, mount_rootfs, rewrite_spec};
-use super::pod::{chain, Pod, PodSpec};
+use super::mounts::guest_rootfs;
+use super::pod::{chain, PodSpec};
 use super::process::{timestamp, Container, Process, VM_GONE_EXIT_STATUS};
-use super::state::{check_id, cleanup_container};
-use super::stdio::{Relays, StdioConfig};
-use super::{
-    metrics, options, sizing, ShimError, CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION,
-};
+use super::state::{check_id, PodKey};
+use super::stdio::StdioConfig;
+use super::{options, sizing, ShimError, CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION};
 use crate::agent::AgentError;
 use crate::config::Config;
 
@@ -55,12 +65,25 @@ pub struct TaskService {
     inner: Arc<Inner>,
 }
 
+/// A container id's entry: reserved by a Create still in progress, or a
+/// created container.
+enum Slot {
+    Creating,
+    Ready(Arc<Container>),
+}
+
+type Slots = Mutex<HashMap<String, Slot>>;
+
 struct Inner {
+    /// containerd's address and namespace: with the pod id they say whose
+    /// a pod is ([`PodKey`]).
+    address: String,
     namespace: String,
     events: Arc<Events>,
     exit: Arc<ExitSignal>,
-    pod: tokio::sync::Mutex<Option<Arc<Pod>>>,
-    containers: Mutex<HashMap<String, Arc<Container>>>,
+    launcher: Box<dyn PodLauncher>,
+    pod: tokio::sync::Mutex<Option<Arc<dyn PodApi>>>,
+    containers: Slots,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -68,12 +91,27 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl TaskService {
-    pub fn new(namespace: &str, events: Events, exit: Arc<ExitSignal>) -> Self {
+    /// The service of the shim serving containerd at `address`, namespace
+    /// `namespace`: pods are real VMs.
+    pub fn new(address: &str, namespace: &str, events: Events, exit: Arc<ExitSignal>) -> Self {
+        Self::with_launcher(address, namespace, events, exit, Box::new(VmLauncher))
+    }
+
+    /// The same, starting pods with `launcher`.
+    pub fn with_launcher(
+        address: &str,
+        namespace: &str,
+        events: Events,
+        exit: Arc<ExitSignal>,
+        launcher: Box<dyn PodLauncher>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                address: address.to_string(),
                 namespace: namespace.to_string(),
                 events: Arc::new(events),
                 exit,
+                launcher,
                 pod: tokio::sync::Mutex::new(None),
                 containers: Mutex::new(HashMap::new()),
             }),
@@ -81,12 +119,67 @@ impl TaskService {
     }
 }
 
+/// One Create's reservation of its container id. Dropped unfilled (the
+/// Create failed, or its future was dropped) it frees the id again.
+struct CreateClaim<'a> {
+    slots: &'a Slots,
+    id: String,
+    filled: bool,
+}
+
+impl CreateClaim<'_> {
+    fn fill(mut self, container: Arc<Container>) {
+        lock(self.slots).insert(self.id.clone(), Slot::Ready(container));
+        self.filled = true;
+    }
+}
+
+impl Drop for CreateClaim<'_> {
+    fn drop(&mut self) {
+        if self.filled {
+            return;
+        }
+        let mut slots = lock(self.slots);
+        if matches!(slots.get(&self.id), Some(Slot::Creating)) {
+            slots.remove(&self.id);
+        }
+    }
+}
+
 impl Inner {
+    /// Reserves `id` for a Create; `AlreadyExists` when it is created or
+    /// being created.
+    fn claim_id(&self, id: &str) -> Result<CreateClaim<'_>, ShimError> {
+        let mut slots = lock(&self.containers);
+        if slots.contains_key(id) {
+            return Err(ShimError::AlreadyExists(format!(
+                "container {id} already exists"
+            )));
+        }
+        slots.insert(id.to_string(), Slot::Creating);
+        Ok(CreateClaim {
+            slots: &self.containers,
+            id: id.to_string(),
+            filled: false,
+        })
+    }
+
     fn container(&self, id: &str) -> Result<Arc<Container>, ShimError> {
+        match lock(&self.containers).get(id) {
+            Some(Slot::Ready(c)) => Ok(c.clone()),
+            _ => Err(ShimError::NotFound(format!("container {id} not found"))),
+        }
+    }
+
+    /// Every created container.
+    fn created(&self) -> Vec<Arc<Container>> {
         lock(&self.containers)
-            .get(id)
-            .cloned()
-            .ok_or_else(|| ShimError::NotFound(format!("container {id} not found")))
+            .values()
+            .filter_map(|s| match s {
+                Slot::Ready(c) => Some(c.clone()),
+                Slot::Creating => None,
+            })
+            .collect()
     }
 
     fn process(
@@ -101,7 +194,7 @@ impl Inner {
         Ok((c, p))
     }
 
-    async fn current_pod(&self) -> Result<Arc<Pod>, ShimError> {
+    async fn current_pod(&self) -> Result<Arc<dyn PodApi>, ShimError> {
         self.pod
             .lock()
             .await
@@ -116,13 +209,14 @@ impl Inner {
         req: &CreateTaskRequest,
         spec: &Spec,
         pod_id: &str,
-    ) -> Result<(Arc<Pod>, bool), ShimError> {
+    ) -> Result<(Arc<dyn PodApi>, bool), ShimError> {
         let mut guard = self.pod.lock().await;
         if let Some(p) = guard.as_ref() {
-            if p.id != pod_id {
+            if p.key().pod != pod_id {
                 return Err(ShimError::FailedPrecondition(format!(
                     "this shim serves pod {}, not pod {pod_id} of container {}",
-                    p.id, req.id
+                    p.key().pod,
+                    req.id
                 )));
             }
             return Ok((p.clone(), false));
@@ -140,17 +234,20 @@ impl Inner {
         let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
         let size = sizing::size_for(&config.vm, &annotations, resources);
         let pod_spec = PodSpec {
-            id: pod_id.to_string(),
+            key: PodKey::new(&self.address, &self.namespace, pod_id),
             hostname: spec.hostname().clone().unwrap_or_default(),
             size,
             shared_pid_ns: false,
         };
-        let pod = Pod::start(&pod_spec, &config, self.events.clone()).await?;
+        let pod = self
+            .launcher
+            .launch(&pod_spec, &config, self.events.clone())
+            .await?;
         *guard = Some(pod.clone());
         Ok((pod, true))
     }
 
-    async fn drop_pod(&self, pod: &Arc<Pod>) {
+    async fn drop_pod(&self, pod: &Arc<dyn PodApi>) {
         pod.shutdown().await;
         let mut guard = self.pod.lock().await;
         if guard.as_ref().is_some_and(|p| Arc::ptr_eq(p, pod)) {
@@ -160,10 +257,10 @@ impl Inner {
 
     /// Watches a started process: records its exit, lets its output drain,
     /// then publishes TaskExit.
-    fn spawn_waiter(self: &Arc<Self>, pod: Arc<Pod>, p: Arc<Process>) {
+    fn spawn_waiter(self: &Arc<Self>, pod: Arc<dyn PodApi>, p: Arc<Process>) {
         let me = self.clone();
         tokio::spawn(async move {
-            let status = match pod.agent().wait_process(&p.container_id, &p.exec_id).await {
+            let status = match pod.wait_process(&p.container_id, &p.exec_id).await {
                 Ok(w) => u32::try_from(w.exit_status).unwrap_or(VM_GONE_EXIT_STATUS),
                 Err(e @ AgentError::VmEnded { .. }) => {
                     tracing::warn!(container = %p.container_id, exec = %p.exec_id, error = %chain(&e), "process lost with its VM");
@@ -201,12 +298,7 @@ impl Inner {
         req: CreateTaskRequest,
     ) -> Result<CreateTaskResponse, ShimError> {
         check_id(&req.id).map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
-        if lock(&self.containers).contains_key(&req.id) {
-            return Err(ShimError::AlreadyExists(format!(
-                "container {} already exists",
-                req.id
-            )));
-        }
+        let claim = self.claim_id(&req.id)?;
         let bundle = PathBuf::from(&req.bundle);
         let mut spec = Spec::load(bundle.join("config.json")).map_err(|e| {
             ShimError::InvalidArgument(format!("cannot read the bundle's config.json: {e}"))
@@ -224,14 +316,14 @@ impl Inner {
         let (pod, new_pod) = self.pod_for(&req, &spec, &pod_id).await?;
 
         let r = self
-            .create_in_pod(&req, &pod, &bundle, &mut spec, owns_pod)
+            .create_in_pod(&req, &pod, &bundle, &mut spec, owns_pod, claim)
             .await;
         match r {
             Ok(resp) => Ok(resp),
             Err(e) => {
-                let (pod_name, cid) = (pod.id.clone(), req.id.clone());
-                let _ =
-                    tokio::task::spawn_blocking(move || cleanup_container(&pod_name, &cid)).await;
+                if let Err(c) = pod.detach_filesystems(&req.id).await {
+                    tracing::warn!(container = %req.id, error = %c, "clean-up after a failed Create");
+                }
                 if new_pod {
                     self.drop_pod(&pod).await;
                 }
@@ -243,35 +335,17 @@ impl Inner {
     async fn create_in_pod(
         self: &Arc<Self>,
         req: &CreateTaskRequest,
-        pod: &Arc<Pod>,
+        pod: &Arc<dyn PodApi>,
         bundle: &Path,
         spec: &mut Spec,
         owns_pod: bool,
+        claim: CreateClaim<'_>,
     ) -> Result<CreateTaskResponse, ShimError> {
         let cid = req.id.clone();
-        let shared = pod.shared_dir().to_path_buf();
-        let bundle_rootfs = spec
-            .root()
-            .as_ref()
-            .map(|r| bundle.join(r.path()))
-            .unwrap_or_else(|| bundle.join("rootfs"));
-        let volumes = rewrite_spec(spec, &cid, &shared, host_kind);
-        let rootfs_mounts = req.rootfs.clone();
-        let target = shared.join(&cid).join("rootfs");
-        tokio::task::spawn_blocking(move || -> Result<(), ShimError> {
-            mount_rootfs(&rootfs_mounts, &bundle_rootfs, &target).map_err(ShimError::from_err)?;
-            for v in &volumes {
-                bind_volume(v).map_err(ShimError::from_err)?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| ShimError::Internal(e.to_string()))??;
-
+        pod.attach_filesystems(req, bundle, spec).await?;
         let spec_json =
             serde_json::to_vec(&spec).map_err(|e| ShimError::Internal(e.to_string()))?;
-        let agent = pod.agent();
-        let created = agent
+        let created = pod
             .create_container(&CreateContainerRequest {
                 container_id: cid.clone(),
                 spec_json,
@@ -289,16 +363,17 @@ impl Inner {
         };
         let init = Arc::new(Process::new(&cid, "", stdio.clone(), Vec::new()));
         init.set_pid(created.pid);
-        match Relays::start(agent, &cid, "", &self.namespace, &stdio).await {
-            Ok(r) => init.set_relays(r).await,
+        match pod.start_relays(&cid, "", &self.namespace, &stdio).await {
+            Ok(Some(r)) => init.set_relays(r).await,
+            Ok(None) => {}
             Err(e) => {
-                let _ = agent.remove_container(&cid).await;
+                let _ = pod.remove_container(&cid).await;
                 return Err(ShimError::InvalidArgument(chain(&e)));
             }
         }
         let container = Arc::new(Container::new(&cid, bundle.to_path_buf(), owns_pod, init));
-        lock(&self.containers).insert(cid.clone(), container);
-        tracing::info!(container = %cid, pod = %pod.id, pid = created.pid, "container created");
+        claim.fill(container);
+        tracing::info!(container = %cid, pod = %pod.key().pod, pid = created.pid, "container created");
         self.events
             .publish(TaskCreate {
                 container_id: cid,
@@ -324,22 +399,21 @@ impl Inner {
 
     async fn start(self: &Arc<Self>, req: StartRequest) -> Result<StartResponse, ShimError> {
         let (_c, p) = self.process(&req.id, &req.exec_id)?;
-        if p.started() {
-            return Err(ShimError::FailedPrecondition(format!(
+        let claim = p.claim_start().ok_or_else(|| {
+            ShimError::FailedPrecondition(format!(
                 "process {} of container {} was already started",
-                req.exec_id, req.id
-            )));
-        }
+                p.event_id(),
+                req.id
+            ))
+        })?;
         let pod = self.current_pod().await?;
-        let agent = pod.agent();
         let pid = if req.exec_id.is_empty() {
-            agent
-                .start_container(&req.id)
+            pod.start_container(&req.id)
                 .await
                 .map_err(|e| ShimError::agent("StartContainer", e))?;
             p.pid()
         } else {
-            let r = agent
+            let r = pod
                 .exec_process(&AgentExec {
                     container_id: req.id.clone(),
                     exec_id: req.exec_id.clone(),
@@ -349,16 +423,20 @@ impl Inner {
                 })
                 .await
                 .map_err(|e| ShimError::agent("ExecProcess", e))?;
-            match Relays::start(agent, &req.id, &req.exec_id, &self.namespace, &p.stdio).await {
-                Ok(relays) => p.set_relays(relays).await,
+            match pod
+                .start_relays(&req.id, &req.exec_id, &self.namespace, &p.stdio)
+                .await
+            {
+                Ok(Some(relays)) => p.set_relays(relays).await,
+                Ok(None) => {}
                 Err(e) => {
-                    let _ = agent.signal_process(&req.id, &req.exec_id, 9, false).await;
+                    let _ = pod.signal_process(&req.id, &req.exec_id, 9, false).await;
                     return Err(ShimError::InvalidArgument(chain(&e)));
                 }
             }
             r.pid
         };
-        p.set_started(pid);
+        claim.commit(pid);
         self.spawn_waiter(pod, p.clone());
         if req.exec_id.is_empty() {
             self.events
@@ -411,16 +489,11 @@ impl Inner {
         }
         let pod = self.pod.lock().await.clone();
         if let Some(pod) = &pod {
-            if let Err(e) = pod.agent().remove_container(&req.id).await {
+            if let Err(e) = pod.remove_container(&req.id).await {
                 tracing::debug!(container = %req.id, error = %chain(&e), "RemoveContainer");
             }
-            let (pod_id, cid) = (pod.id.clone(), req.id.clone());
-            match tokio::task::spawn_blocking(move || cleanup_container(&pod_id, &cid)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(container = %req.id, error = %chain(&e), "container clean-up")
-                }
-                Err(e) => tracing::warn!(container = %req.id, error = %e, "container clean-up"),
+            if let Err(e) = pod.detach_filesystems(&req.id).await {
+                tracing::warn!(container = %req.id, error = %e, "container clean-up");
             }
         }
         lock(&self.containers).remove(&req.id);
@@ -444,10 +517,9 @@ impl Inner {
     }
 
     /// Ends the pod: whatever still runs in it exits with the VM.
-    async fn end_pod(&self, pod: &Arc<Pod>) {
+    async fn end_pod(&self, pod: &Arc<dyn PodApi>) {
         self.drop_pod(pod).await;
-        let left: Vec<Arc<Container>> = lock(&self.containers).values().cloned().collect();
-        for c in left {
+        for c in self.created() {
             for p in c.processes() {
                 p.stop_relays().await;
                 self.publish_exit(&p, VM_GONE_EXIT_STATUS, SystemTime::now())
@@ -466,8 +538,7 @@ impl Inner {
             )));
         }
         let pod = self.current_pod().await?;
-        pod.agent()
-            .signal_process(&req.id, &req.exec_id, req.signal, req.all)
+        pod.signal_process(&req.id, &req.exec_id, req.signal, req.all)
             .await
             .map_err(|e| ShimError::agent("SignalProcess", e))
     }
@@ -533,8 +604,7 @@ impl Inner {
         let c = self.container(id)?;
         let pod = self.current_pod().await?;
         if pause {
-            pod.agent()
-                .pause_container(id)
+            pod.pause_container(id)
                 .await
                 .map_err(|e| ShimError::agent("PauseContainer", e))?;
             for p in c.processes() {
@@ -547,8 +617,7 @@ impl Inner {
                 })
                 .await;
         } else {
-            pod.agent()
-                .resume_container(id)
+            pod.resume_container(id)
                 .await
                 .map_err(|e| ShimError::agent("ResumeContainer", e))?;
             for p in c.processes() {
@@ -575,191 +644,5 @@ impl Inner {
         }
         tracing::info!("no task left; shim exits");
         self.exit.signal();
-    }
-}
-
-fn ok<T>(r: Result<T, ShimError>) -> TtrpcResult<T> {
-    r.map_err(|e| {
-        tracing::warn!(error = %e, "task call failed");
-        e.into()
-    })
-}
-
-#[async_trait]
-impl Task for TaskService {
-    async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
-        ok(self.inner.state(&req))
-    }
-
-    async fn create(
-        &self,
-        _ctx: &TtrpcContext,
-        req: CreateTaskRequest,
-    ) -> TtrpcResult<CreateTaskResponse> {
-        tracing::info!(id = %req.id, bundle = %req.bundle, terminal = req.terminal, "Create");
-        ok(self.inner.create(req).await)
-    }
-
-    async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
-        tracing::info!(id = %req.id, exec = %req.exec_id, "Start");
-        ok(self.inner.start(req).await)
-    }
-
-    async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
-        tracing::info!(id = %req.id, exec = %req.exec_id, "Delete");
-        ok(self.inner.delete(req).await)
-    }
-
-    async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
-        let r = async {
-            self.inner.container(&req.id)?;
-            let pod = self.inner.current_pod().await?;
-            let list = pod
-                .agent()
-                .list_processes(&req.id)
-                .await
-                .map_err(|e| ShimError::agent("ListProcesses", e))?;
-            Ok(PidsResponse {
-                processes: list
-                    .processes
-                    .iter()
-                    .map(|p| ProcessInfo {
-                        pid: p.pid,
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            })
-        };
-        ok(r.await)
-    }
-
-    async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
-        ok(self
-            .inner
-            .pause_or_resume(&req.id, true)
-            .await
-            .map(|()| Empty::new()))
-    }
-
-    async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
-        ok(self
-            .inner
-            .pause_or_resume(&req.id, false)
-            .await
-            .map(|()| Empty::new()))
-    }
-
-    async fn checkpoint(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: CheckpointTaskRequest,
-    ) -> TtrpcResult<Empty> {
-        ok(Err(ShimError::Unimplemented(
-            "checkpoint is not supported by the nutshell runtime".into(),
-        )))
-    }
-
-    async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
-        tracing::info!(id = %req.id, exec = %req.exec_id, signal = req.signal, all = req.all, "Kill");
-        ok(self.inner.kill(req).await.map(|()| Empty::new()))
-    }
-
-    async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
-        tracing::info!(id = %req.id, exec = %req.exec_id, "Exec");
-        ok(self.inner.exec(req).await.map(|()| Empty::new()))
-    }
-
-    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
-        let r = async {
-            self.inner.process(&req.id, &req.exec_id)?;
-            let pod = self.inner.current_pod().await?;
-            pod.agent()
-                .resize_terminal(&req.id, &req.exec_id, req.height, req.width)
-                .await
-                .map_err(|e| ShimError::agent("ResizeTerminal", e))
-        };
-        ok(r.await.map(|()| Empty::new()))
-    }
-
-    async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
-        let r = async {
-            let (_c, p) = self.inner.process(&req.id, &req.exec_id)?;
-            if req.stdin {
-                p.close_stdin().await;
-            }
-            Ok(())
-        };
-        ok(r.await.map(|()| Empty::new()))
-    }
-
-    async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
-        let r = async {
-            self.inner.container(&req.id)?;
-            let resources = req
-                .resources
-                .as_ref()
-                .map(|a| a.value.clone())
-                .ok_or_else(|| ShimError::InvalidArgument("update without resources".into()))?;
-            let pod = self.inner.current_pod().await?;
-            pod.agent()
-                .update_container(&req.id, resources)
-                .await
-                .map_err(|e| ShimError::agent("UpdateContainer", e))
-        };
-        ok(r.await.map(|()| Empty::new()))
-    }
-
-    async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
-        let r = async {
-            let (_c, p) = self.inner.process(&req.id, &req.exec_id)?;
-            let e = p.wait().await;
-            Ok(WaitResponse {
-                exit_status: e.status,
-                exited_at: MessageField::some(e.timestamp()),
-                ..Default::default()
-            })
-        };
-        ok(r.await)
-    }
-
-    async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
-        let r = async {
-            self.inner.container(&req.id)?;
-            let pod = self.inner.current_pod().await?;
-            let s = pod
-                .agent()
-                .stats_container(&req.id)
-                .await
-                .map_err(|e| ShimError::agent("StatsContainer", e))?;
-            let any = metrics::to_any(&s).map_err(ShimError::from_err)?;
-            Ok(StatsResponse {
-                stats: MessageField::some(any),
-                ..Default::default()
-            })
-        };
-        ok(r.await)
-    }
-
-    async fn connect(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: ConnectRequest,
-    ) -> TtrpcResult<ConnectResponse> {
-        let task_pid = match self.inner.pod.lock().await.as_ref() {
-            Some(p) => p.vmm_pid(),
-            None => 0,
-        };
-        Ok(ConnectResponse {
-            shim_pid: std::process::id(),
-            task_pid,
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            ..Default::default()
-        })
-    }
-
-    async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
-        self.inner.shutdown().await;
-        Ok(Empty::new())
     }
 }
