@@ -20,6 +20,8 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+use crate::hypervisor::GUEST_ASSETS_DIR;
+
 /// Where the machine-wide config lives.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/nutshell/config.toml";
 
@@ -201,8 +203,8 @@ impl Config {
         Self {
             vm: VmConfig {
                 backend: Backend::Auto,
-                kernel: PathBuf::from("/usr/share/nutshell/vmlinux"),
-                initrd: PathBuf::from("/usr/share/nutshell/initramfs.cpio.gz"),
+                kernel: Path::new(GUEST_ASSETS_DIR).join("vmlinux"),
+                initrd: Path::new(GUEST_ASSETS_DIR).join("initramfs.cpio.gz"),
                 vcpus: 1,
                 memory_mib: 256,
                 max_vcpus: 4,
