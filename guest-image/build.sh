@@ -3,7 +3,7 @@
 #
 #   guest-image/build.sh [--install] [--agent PATH] [--kernel-only]
 #
-#   --install      copy the result to ${NUTSHELL_GUEST_DIR:-/usr/share/nutshell}
+#   --install      copy the result to $NUTSHELL_GUEST_DIR (tools/lib/paths.sh)
 #                  (vmlinux, initramfs.cpio.gz, initramfs-debug.cpio.gz, VERSION)
 #   --agent PATH   use this static agent instead of building it
 #                  (tools/build-agent.sh); $NUTSHELL_AGENT_BIN does the same
@@ -84,7 +84,7 @@ main() {
   ln -sfn "$(basename "$out")" "$NUTSHELL_CACHE/guest/latest"
   step "guest image: $out ($((SECONDS - t0)) s)"
   info "vmlinux $(stat -c %s "$out/vmlinux") bytes, initramfs $(stat -c %s "$out/initramfs.cpio.gz") bytes, debug initramfs $(stat -c %s "$out/initramfs-debug.cpio.gz") bytes"
-  ((INSTALL)) && install_to "$out" "${NUTSHELL_GUEST_DIR:-/usr/share/nutshell}"
+  ((INSTALL)) && install_to "$out" "$NUTSHELL_GUEST_DIR"
   echo "$out"
 }
 

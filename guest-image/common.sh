@@ -2,6 +2,8 @@
 # Sourced, not run.
 
 GUEST_IMAGE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=tools/lib/paths.sh
+source "$GUEST_IMAGE_DIR/../tools/lib/paths.sh"
 export NUTSHELL_CACHE=${NUTSHELL_CACHE:-/var/cache/nutshell}
 KERNEL_PACKAGE=linux-source-6.1
 KERNEL_TARBALL=${KERNEL_TARBALL:-/usr/src/linux-source-6.1.tar.xz}

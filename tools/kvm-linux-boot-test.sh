@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full Linux-boot test for nutshell-vmm: boots the real guest image
-# (/usr/share/nutshell/{vmlinux,initramfs.cpio.gz}) on KVM, reaches the
+# ($NUTSHELL_GUEST_DIR/{vmlinux,initramfs.cpio.gz}, tools/lib/paths.sh) on KVM, reaches the
 # agent, and runs a container through it. Needs a KVM that can run Linux
 # (bare metal, or nested VMX/SVM); `nutshell check`'s probe decides, and where
 # it says no this prints one `SKIP: <reason>` line and exits 0. From a fresh
@@ -22,7 +22,9 @@
 #     the bare VMM, and `nutshell run --timing` for a whole container.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-GUEST_DIR=${NUTSHELL_GUEST_DIR:-/usr/share/nutshell}
+# shellcheck source=tools/lib/paths.sh
+source tools/lib/paths.sh
+GUEST_DIR=$NUTSHELL_GUEST_DIR
 BOOT_LIMIT_S=${BOOT_LIMIT_S:-60}
 RUNS=${RUNS:-10}
 
@@ -57,8 +59,12 @@ for f in vmlinux initramfs.cpio.gz; do
   [[ -s $GUEST_DIR/$f ]] || fail "$GUEST_DIR/$f is missing (guest-image/build.sh --install)"
 done
 cargo build -q --release -p nutshell -p nutshell-vmm
+# The runtime's own agent client: it waits for the agent and prints its
+# Health reply with the milliseconds since a given start (runtime/examples/).
+cargo build -q --release -p nutshell-runtime --example agent-health
 NUTSHELL=target/release/nutshell
 VMM=target/release/nutshell-vmm
+HEALTH=target/release/examples/agent-health
 # `nutshell run --backend vmm` finds nutshell-vmm on PATH: this build's.
 export PATH="$PWD/target/release:$PATH"
 
@@ -70,79 +76,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A minimal ttrpc client for the agent's Health call, over our hybrid vsock:
-# `health.py <uds> <start-ns> <limit-s>` retries until the agent answers (a
-# guest port nobody listens on yet resets the connection), then prints the
-# reply and the milliseconds since <start-ns>.
-cat >"$work/health.py" <<'PY'
-import socket, struct, sys, time
-
-def varint(b, i):
-    v = s = 0
-    while True:
-        c = b[i]; i += 1
-        v |= (c & 0x7f) << s; s += 7
-        if c < 0x80:
-            return v, i
-
-def fields(b):
-    i, out = 0, {}
-    while i < len(b):
-        key, i = varint(b, i)
-        f, t = key >> 3, key & 7
-        if t == 0:
-            v, i = varint(b, i)
-        elif t == 2:
-            n, i = varint(b, i); v = b[i:i + n]; i += n
-        else:
-            raise ValueError(f"wire type {t}")
-        out[f] = v
-    return out
-
-def ld(field, data):
-    n, enc = len(data), b""
-    while True:
-        enc += bytes([(n & 0x7f) | (0x80 if n > 0x7f else 0)]); n >>= 7
-        if not n: break
-    return bytes([field << 3 | 2]) + enc + data
-
-def recv_exact(s, n):
-    b = b""
-    while len(b) < n:
-        c = s.recv(n - len(b))
-        if not c: raise EOFError("agent closed the connection")
-        b += c
-    return b
-
-def health(path, limit):
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(limit)
-    s.connect(path)
-    s.sendall(b"CONNECT 1024\n")
-    line = b""
-    while not line.endswith(b"\n"):
-        line += recv_exact(s, 1)
-    if not line.startswith(b"OK "):
-        raise EOFError(line.decode(errors="replace").strip())
-    req = ld(1, b"nutshell.agent.v1.Agent") + ld(2, b"Health") + ld(3, b"")
-    s.sendall(struct.pack(">IIBB", len(req), 1, 1, 0) + req)
-    n, sid, typ, _ = struct.unpack(">IIBB", recv_exact(s, 10))
-    h = fields(fields(recv_exact(s, n)).get(2, b""))
-    return line.decode().strip(), h
-
-path, start_ns, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-deadline = time.time() + limit
-while True:
-    try:
-        ok, h = health(path, limit)
-        break
-    except (OSError, EOFError):
-        if time.time() > deadline:
-            raise
-        time.sleep(0.002)
-ms = (time.time_ns() - start_ns) / 1e6
-print(f"{ok}; Health: status={h.get(1, b'').decode()} agent={h.get(2, b'').decode()} protocol={h.get(3, 0)}; {ms:.1f}")
-PY
 
 proved=()
 
@@ -171,9 +104,9 @@ wait_for "Linux version" "kernel banner"
 wait_for "Command line: .*8250.nr_uarts=1" "our command line"
 wait_for "printk: console \[ttyS0\] enabled" "serial console driver"
 wait_for "Run /init as init process" "/init (the agent) started from the initramfs"
-reply=$(python3 "$work/health.py" "$work/vsock.sock" "$start" "$BOOT_LIMIT_S") ||
+reply=$("$HEALTH" "$work/vsock.sock" "$start" "$BOOT_LIMIT_S") ||
   fail "talking to the agent over hybrid vsock failed: $(tail -5 "$work/console.log")"
-[[ $reply == "OK "*"Health: status=SERVING"* ]] || fail "unexpected agent reply: $reply"
+[[ $reply == *": OK; Health: status=SERVING"* ]] || fail "unexpected agent reply: $reply"
 proved+=("agent answered ttrpc Health over hybrid vsock: ${reply%; *} (after ${reply##*; } ms)")
 kill "$vmm_pid" 2>/dev/null || true
 wait "$vmm_pid" 2>/dev/null || true
@@ -181,9 +114,7 @@ vmm_pid=
 
 # --- 2. a container through the runtime's vmm backend ------------------------
 rootfs=$work/rootfs
-mkdir -p "$rootfs"/{bin,proc,sys,dev,tmp,etc}
-cp /bin/busybox "$rootfs/bin/busybox"
-for applet in sh echo uname cat true; do ln -s busybox "$rootfs/bin/$applet"; done
+tools/lib/test-images.sh rootfs "$rootfs"
 out=$("$NUTSHELL" run --backend vmm --timing --rootfs "$rootfs" -- \
   sh -c 'echo "container says: kernel $(uname -r)"; cat /proc/1/cmdline >/dev/null; exit 3' \
   2>"$work/run.err") && rc=0 || rc=$?
@@ -202,7 +133,7 @@ for ((i = 0; i < RUNS; i++)); do
     --cmdline "$quiet" --memory-mib 256 --serial none --vsock "3,$work/vsock.sock" \
     --timeout-ms $((BOOT_LIMIT_S * 1000)) 2>"$work/vmm.err" &
   vmm_pid=$!
-  reply=$(python3 "$work/health.py" "$work/vsock.sock" "$start" "$BOOT_LIMIT_S") ||
+  reply=$("$HEALTH" "$work/vsock.sock" "$start" "$BOOT_LIMIT_S") ||
     fail "boot $i: the agent did not answer: $(cat "$work/vmm.err")"
   samples+=("${reply##*; }")
   kill "$vmm_pid" 2>/dev/null || true

@@ -137,19 +137,9 @@ if [[ $MODE == all ]]; then
 
   step "containerd: a drop-in with the nutshell runtime for the machine's containerd"
   mkdir -p /etc/containerd/conf.d
-  cat >/etc/containerd/conf.d/nutshell.toml <<'TOML'
-# The nutshell runtime (written by nutshell's tools/setup.sh). Takes effect
-# when /etc/containerd/config.toml imports /etc/containerd/conf.d/*.toml.
-# runc stays the default runtime.
-version = 2
-[plugins."io.containerd.grpc.v1.cri".containerd]
-  default_runtime_name = "runc"
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-    runtime_type = "io.containerd.runc.v2"
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.nutshell]
-    runtime_type = "io.containerd.nutshell.v2"
-    pod_annotations = ["io.nutshell.*"]
-TOML
+  # shellcheck source=tools/lib/containerd.sh
+  source tools/lib/containerd.sh
+  ns_containerd_dropin >/etc/containerd/conf.d/nutshell.toml
   echo "wrote /etc/containerd/conf.d/nutshell.toml"
   if [[ ! -e /etc/containerd/config.toml ]]; then
     printf 'version = 2\nimports = ["/etc/containerd/conf.d/*.toml"]\n' >/etc/containerd/config.toml
@@ -164,8 +154,6 @@ TOML
   fi
 
   step "main job: a busybox container in a microVM, through containerd"
-  # shellcheck source=tools/lib/containerd.sh
-  source tools/lib/containerd.sh
   trap ns_containerd_stop EXIT
   ns_containerd_start /run/nutshell-main-job
   guest=$(ns_ctr run --rm --runtime io.containerd.nutshell.v2 \

@@ -2,36 +2,38 @@
 //!
 //! Each [`Containerd`] has its own root, state, socket and config under a
 //! fresh directory in `/run` (never the machine's `/var/lib/containerd` or
-//! `/run/containerd/containerd.sock`). Its CRI plugin declares runc as the
-//! default runtime (containerd refuses a CRI config whose default runtime is
-//! missing) and a `nutshell` handler with `runtime_type =
-//! "io.containerd.nutshell.v2"`; `restrict_oom_score_adj = true` because
-//! these machines lack `CAP_SYS_RESOURCE` (see environment.md). The shim
-//! binary reaches containerd through `PATH`, the nutshell config through
-//! `NUTSHELL_CONFIG`.
+//! `/run/containerd/containerd.sock`). Its config is
+//! `tools/lib/containerd-config.toml`, which the scripts' private containerd
+//! (`tools/lib/containerd.sh`) renders too: runc as the CRI default runtime
+//! and a `nutshell` handler beside it. The shim binary reaches containerd
+//! through `PATH`, the nutshell config through `NUTSHELL_CONFIG` (and the
+//! CRI option `ConfigPath`).
 //!
-//! Images are built offline with `umoci` from `busybox-static` and imported
-//! with `ctr images import` under fully-qualified names ([`BUSYBOX_IMAGE`],
-//! [`PAUSE_IMAGE`]).
+//! Images come from `tools/lib/test-images.sh` (built offline with `umoci`
+//! from `busybox-static`, imported under fully-qualified names
+//! [`BUSYBOX_IMAGE`] and [`PAUSE_IMAGE`]).
 
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::{busybox_rootfs, guest_dir, is_root, require, which, workspace_root, BUSYBOX};
+use crate::{
+    guest_dir, is_root, require, run_ok, test_images_script, which, workspace_root, BUSYBOX,
+};
 use containerd_shim_protos::api::ConnectRequest;
 use containerd_shim_protos::shim_sync::{Client, TaskClient};
 use containerd_shim_protos::ttrpc::context;
 use nutshell_runtime::shim::mounts::mounts_below;
 use nutshell_runtime::shim::state::PodKey;
 
-/// The busybox image every test runs.
+/// The busybox image every test runs (`NS_BUSYBOX_IMAGE` of
+/// `tools/lib/test-images.sh`).
 pub const BUSYBOX_IMAGE: &str = "docker.io/nutshell/busybox:latest";
-/// The CRI sandbox ("pause") image.
+/// The CRI sandbox ("pause") image (`NS_PAUSE_IMAGE` there).
 pub const PAUSE_IMAGE: &str = "docker.io/nutshell/pause:latest";
 /// The runtime name containerd maps to `containerd-shim-nutshell-v2`.
 pub const NUTSHELL_RUNTIME: &str = "io.containerd.nutshell.v2";
@@ -94,14 +96,21 @@ pub fn prerequisites() -> Result<(), String> {
 }
 
 /// A nutshell config for tests: the guest image from [`guest_dir`], QEMU,
-/// plus `extra` TOML lines for the `[vm]` section.
+/// plus `extra` TOML lines for the `[vm]` section; 60 s to reach the agent.
 pub fn test_nutshell_config(extra_vm: &str) -> String {
+    test_nutshell_config_dialing(extra_vm, Duration::from_secs(60))
+}
+
+/// [`test_nutshell_config`] with `dial_timeout` to reach the agent
+/// (`agent.dial_timeout_ms`).
+pub fn test_nutshell_config_dialing(extra_vm: &str, dial_timeout: Duration) -> String {
     let g = guest_dir();
     format!(
         "[vm]\nbackend = \"qemu\"\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\n{extra_vm}\n\
-         [agent]\ndial_timeout_ms = 60000\n[log]\nlevel = \"debug\"\n",
+         [agent]\ndial_timeout_ms = {}\n[log]\nlevel = \"debug\"\n",
         g.join("vmlinux").display(),
-        g.join("initramfs.cpio.gz").display()
+        g.join("initramfs.cpio.gz").display(),
+        dial_timeout.as_millis()
     )
 }
 
@@ -159,11 +168,11 @@ impl Containerd {
             }
             None => nutshell_config_path.clone(),
         };
-        let socket = dir.join("containerd.sock");
         fs::write(
             dir.join("config.toml"),
-            containerd_config(&dir, &socket, &cri_config_path),
+            containerd_config(&dir, &cri_config_path),
         )?;
+        let socket = dir.join("containerd.sock");
         let mut c = Self {
             dir,
             child: None,
@@ -180,23 +189,13 @@ impl Containerd {
 
     /// Imports the busybox and pause images into namespace `ns`.
     pub fn import_images(&self, ns: &str) -> io::Result<()> {
-        let images = test_images()?;
-        for (tar, name) in [
-            (&images.busybox, BUSYBOX_IMAGE),
-            (&images.pause, PAUSE_IMAGE),
-        ] {
-            let base = name.rsplit_once(':').map_or(name, |(b, _)| b);
-            let tar = tar.display().to_string();
-            let args = ["images", "import", "--base-name", base, &tar];
-            let out = self.ctr_in(ns, &args).stdin(Stdio::null()).output()?;
-            if !out.status.success() {
-                return Err(io::Error::other(format!(
-                    "ctr images import into {ns} failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )));
-            }
-        }
-        Ok(())
+        run_ok(
+            Command::new(test_images_script())
+                .arg("import")
+                .arg(&self.socket)
+                .arg(ns),
+        )
+        .map(drop)
     }
 
     /// The state directory of pod `pod` of namespace `ns` of this
@@ -445,164 +444,23 @@ impl Drop for Containerd {
     }
 }
 
-fn containerd_config(dir: &Path, socket: &Path, nutshell_config: &Path) -> String {
-    let d = dir.display();
-    format!(
-        r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-
-[grpc]
-  address = "{socket}"
-
-[ttrpc]
-  address = ""
-
-[debug]
-  level = "debug"
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{PAUSE_IMAGE}"
-  restrict_oom_score_adj = true
-  disable_apparmor = true
-  enable_selinux = false
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    default_runtime_name = "runc"
-    snapshotter = "overlayfs"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{NUTSHELL_HANDLER}]
-      runtime_type = "{NUTSHELL_RUNTIME}"
-      pod_annotations = ["io.nutshell.*"]
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{NUTSHELL_HANDLER}.options]
-        ConfigPath = "{cfg}"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{d}/cni"
-"#,
-        socket = socket.display(),
-        cfg = nutshell_config.display(),
-    )
+/// `tools/lib/containerd-config.toml` for a containerd in `dir` whose CRI
+/// pods read `nutshell_config`; at debug level, so the shims log at debug
+/// level too.
+fn containerd_config(dir: &Path, nutshell_config: &Path) -> String {
+    include_str!("../../tools/lib/containerd-config.toml")
+        .replace("@DIR@", &dir.display().to_string())
+        .replace("@PAUSE_IMAGE@", PAUSE_IMAGE)
+        .replace("@NUTSHELL_CONFIG@", &nutshell_config.display().to_string())
+        .replace("@LOG_LEVEL@", "debug")
 }
 
-/// The image archives (cached, see `build_images`).
-pub struct TestImages {
-    pub busybox: PathBuf,
-    pub pause: PathBuf,
-}
-
-/// The busybox and pause OCI archives, built once and cached.
-pub fn test_images() -> io::Result<&'static TestImages> {
-    static IMAGES: OnceLock<Result<TestImages, String>> = OnceLock::new();
-    IMAGES
-        .get_or_init(|| build_images().map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|e| io::Error::other(e.clone()))
-}
-
-/// Version of the image recipe below: bump it when the images change.
-const IMAGE_RECIPE: &str = "v1";
-
-/// The archives live in `$NUTSHELL_CACHE/test-images/<key>/`, keyed by the
-/// busybox binary and the recipe, so test runs share them.
-fn build_images() -> io::Result<TestImages> {
-    let sum = Command::new("sha256sum").arg(BUSYBOX).output()?;
-    let sum = String::from_utf8_lossy(&sum.stdout);
-    let key = format!("{IMAGE_RECIPE}-{}", sum.get(..16).unwrap_or("unknown"));
-    let cache = std::env::var_os("NUTSHELL_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/nutshell"));
-    let dir = cache.join("test-images").join(key);
-    let images = TestImages {
-        busybox: dir.join("busybox.tar"),
-        pause: dir.join("pause.tar"),
-    };
-    if images.busybox.is_file() && images.pause.is_file() {
-        return Ok(images);
-    }
-    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp)?;
-    }
-    fs::create_dir_all(&tmp)?;
-    build_image(&tmp.join("busybox"), &tmp.join("busybox.tar"), &["sh"])?;
-    // The sandbox process only has to live as long as the pod; busybox's
-    // sleep takes "inf".
-    build_image(
-        &tmp.join("pause"),
-        &tmp.join("pause.tar"),
-        &["sleep", "inf"],
-    )?;
-    // Another test process may have won the race: either copy is fine.
-    if fs::rename(&tmp, &dir).is_err() {
-        fs::remove_dir_all(&tmp)?;
-    }
-    Ok(images)
-}
-
-/// Builds an OCI archive holding one image, tag `latest`, whose rootfs is
-/// [`busybox_rootfs`] and whose command is `cmd`.
-pub fn build_image(work: &Path, tar: &Path, cmd: &[&str]) -> io::Result<()> {
-    let layout = work.join("layout");
-    let bundle = work.join("bundle");
-    let image = format!("{}:latest", layout.display());
-    run_ok(
-        Command::new("umoci")
-            .args(["init", "--layout"])
-            .arg(&layout),
-    )?;
-    run_ok(Command::new("umoci").args(["new", "--image", &image]))?;
-    run_ok(
-        Command::new("umoci")
-            .args(["unpack", "--image", &image])
-            .arg(&bundle),
-    )?;
-    busybox_rootfs(&bundle.join("rootfs"))?;
-    run_ok(
-        Command::new("umoci")
-            .args(["repack", "--image", &image])
-            .arg(&bundle),
-    )?;
-    let mut config = Command::new("umoci");
-    config.args([
-        "config",
-        "--image",
-        &image,
-        "--config.env",
-        "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-    ]);
-    for c in cmd {
-        config.args(["--config.cmd", c]);
-    }
-    run_ok(&mut config)?;
-    run_ok(Command::new("umoci").args(["gc", "--layout"]).arg(&layout))?;
-    run_ok(
-        Command::new("tar")
-            .arg("-C")
-            .arg(&layout)
-            .arg("-cf")
-            .arg(tar)
-            .arg("."),
-    )?;
-    fs::remove_dir_all(work)?;
-    Ok(())
-}
-
-fn run_ok(cmd: &mut Command) -> io::Result<()> {
-    let out = cmd.stdin(Stdio::null()).output()?;
-    if !out.status.success() {
-        return Err(io::Error::other(format!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
-    Ok(())
+/// The directory holding the busybox and pause OCI archives
+/// (`busybox.tar`, `pause.tar`), built by `tools/lib/test-images.sh` or
+/// found in its cache.
+pub fn test_images() -> io::Result<PathBuf> {
+    let dir = run_ok(Command::new(test_images_script()).arg("build"))?;
+    Ok(PathBuf::from(dir.trim()))
 }
 
 /// Runs `cmd`, killing it after `timeout`.
@@ -785,11 +643,8 @@ mod tests {
 
     #[test]
     fn config_declares_runc_default_and_nutshell_handler() {
-        let c = containerd_config(
-            Path::new("/run/x"),
-            Path::new("/run/x/c.sock"),
-            Path::new("/run/x/n.toml"),
-        );
+        let c = containerd_config(Path::new("/run/x"), Path::new("/run/x/n.toml"));
+        assert!(!c.contains('@'), "a placeholder is left: {c}");
         let t: toml::Table = c.parse().expect("valid TOML");
         let cri = &t["plugins"]["io.containerd.grpc.v1.cri"];
         assert_eq!(cri["restrict_oom_score_adj"].as_bool(), Some(true));
@@ -807,6 +662,26 @@ mod tests {
             Some("/run/x/n.toml")
         );
         assert_eq!(t["root"].as_str(), Some("/run/x/root"));
+        assert_eq!(
+            t["grpc"]["address"].as_str(),
+            Some("/run/x/containerd.sock")
+        );
+        assert_eq!(cri["sandbox_image"].as_str(), Some(PAUSE_IMAGE));
+        assert!(runtimes.get(NUTSHELL_HANDLER).is_some());
+    }
+
+    #[test]
+    fn the_scripts_name_the_same_images() {
+        let script = include_str!("../../tools/lib/test-images.sh");
+        for line in [
+            format!("NS_BUSYBOX_IMAGE={BUSYBOX_IMAGE}"),
+            format!("NS_PAUSE_IMAGE={PAUSE_IMAGE}"),
+        ] {
+            assert!(
+                script.lines().any(|l| l == line),
+                "tools/lib/test-images.sh must say {line}"
+            );
+        }
     }
 
     #[test]
@@ -818,9 +693,10 @@ mod tests {
             return;
         }
         let imgs = test_images().expect("images");
+        assert!(imgs.join("pause.tar").is_file(), "{}", imgs.display());
         let list = Command::new("tar")
             .arg("-tf")
-            .arg(&imgs.busybox)
+            .arg(imgs.join("busybox.tar"))
             .output()
             .expect("tar");
         let list = String::from_utf8_lossy(&list.stdout);

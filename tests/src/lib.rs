@@ -10,9 +10,10 @@ pub mod containerd;
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+
+use nutshell_runtime::hypervisor::GUEST_ASSETS_DIR;
 
 /// The workspace root (the directory holding the top-level `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {
@@ -139,51 +140,40 @@ pub fn assert_no_vm_left(dir: &Path, state: &Path) {
 }
 
 /// Directory of the installed guest assets (`vmlinux`,
-/// `initramfs.cpio.gz`): `$NUTSHELL_GUEST_DIR`, else `/usr/share/nutshell`.
+/// `initramfs.cpio.gz`): `$NUTSHELL_GUEST_DIR`, else [`GUEST_ASSETS_DIR`].
 pub fn guest_dir() -> PathBuf {
     std::env::var_os("NUTSHELL_GUEST_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/share/nutshell"))
+        .unwrap_or_else(|| PathBuf::from(GUEST_ASSETS_DIR))
 }
 
 /// Path of the static busybox used for test rootfs.
 pub const BUSYBOX: &str = "/bin/busybox";
 
-/// Fills `dir` with a minimal busybox root filesystem: `/bin/busybox` with a
-/// link per applet, the usual empty mount points, and `/etc/passwd` and
-/// `/etc/group` with root and nobody.
+/// `tools/lib/test-images.sh`: the one recipe for the busybox rootfs and
+/// the test images, shared with the scripts.
+pub fn test_images_script() -> PathBuf {
+    workspace_root().join("tools/lib/test-images.sh")
+}
+
+/// Fills `dir` with a minimal busybox root filesystem (`test-images.sh
+/// rootfs`): `/bin/busybox` with a link per applet, the usual empty mount
+/// points, and `/etc/passwd` and `/etc/group` with root and nobody.
 pub fn busybox_rootfs(dir: &Path) -> io::Result<()> {
-    for d in [
-        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run",
-        "var",
-    ] {
-        fs::create_dir_all(dir.join(d))?;
+    run_ok(Command::new(test_images_script()).arg("rootfs").arg(dir)).map(drop)
+}
+
+/// Runs `cmd` to its end, returns its stdout, fails quoting its stderr.
+pub fn run_ok(cmd: &mut Command) -> io::Result<String> {
+    let out = cmd.stdin(Stdio::null()).output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )));
     }
-    fs::copy(BUSYBOX, dir.join("bin/busybox"))?;
-    let list = Command::new(BUSYBOX).arg("--list-full").output()?;
-    if !list.status.success() {
-        return Err(io::Error::other("`busybox --list-full` failed"));
-    }
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        let applet = applet.trim();
-        if applet.is_empty() || applet == "bin/busybox" {
-            continue;
-        }
-        let link = dir.join(applet);
-        if link.exists() || link.symlink_metadata().is_ok() {
-            continue;
-        }
-        if let Some(parent) = link.parent() {
-            fs::create_dir_all(parent)?;
-        }
-        symlink("/bin/busybox", &link)?;
-    }
-    fs::write(
-        dir.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
-    )?;
-    fs::write(dir.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Builds `tests/fixtures/vsock_probe.c` (a ttrpc client over vsock or a
@@ -210,6 +200,17 @@ pub fn build_vsock_probe(dest: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scripts_default_to_the_runtimes_guest_directory() {
+        let line = format!("NUTSHELL_GUEST_DIR=${{NUTSHELL_GUEST_DIR:-{GUEST_ASSETS_DIR}}}");
+        assert!(
+            include_str!("../../tools/lib/paths.sh")
+                .lines()
+                .any(|l| l == line),
+            "tools/lib/paths.sh must say {line}"
+        );
+    }
 
     #[test]
     fn busybox_rootfs_has_a_shell() {

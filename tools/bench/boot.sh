@@ -7,12 +7,14 @@
 #   tools/bench/boot.sh [--boots N] [--accel tcg|kvm|auto] [--memory MIB] [--shared]
 #                       [--guest-dir DIR]
 #
-# Needs root, the installed guest image (/usr/share/nutshell) and the VM
+# Needs root, the installed guest image (tools/lib/paths.sh) and the VM
 # backends (tools/setup.sh). Targets (issue 3): boot p50 <= 2 s wall under
 # TCG, guest memory in use <= 32 MiB.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=tools/lib/paths.sh
+source tools/lib/paths.sh
 cargo build -q -p nutshell-runtime --example boot-bench
 echo "host: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg); qemu: $(qemu-system-x86_64 --version | head -1)"
-echo "guest: $(cat "${NUTSHELL_GUEST_DIR:-/usr/share/nutshell}/VERSION" 2>/dev/null || echo '?')"
+echo "guest: $(cat "$NUTSHELL_GUEST_DIR/VERSION" 2>/dev/null || echo '?')"
 exec target/debug/examples/boot-bench "$@"

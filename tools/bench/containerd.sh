@@ -33,13 +33,15 @@ else
   cargo build -q -p nutshell-runtime --bin containerd-shim-nutshell-v2
 fi
 export NS_SHIM_DIR=$PWD/target/$PROFILE
+# shellcheck source=tools/lib/paths.sh
+source tools/lib/paths.sh
 # shellcheck source=tools/lib/containerd.sh
 source tools/lib/containerd.sh
 trap ns_containerd_stop EXIT
 ns_containerd_start "/run/nutshell-bench-$$"
 
 echo "host: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg); $(containerd --version | cut -d' ' -f1,3)"
-echo "shim: target/$PROFILE/containerd-shim-nutshell-v2; guest: $(head -1 "${NUTSHELL_GUEST_DIR:-/usr/share/nutshell}/VERSION" 2>/dev/null || echo '?')"
+echo "shim: target/$PROFILE/containerd-shim-nutshell-v2; guest: $(head -1 "$NUTSHELL_GUEST_DIR/VERSION" 2>/dev/null || echo '?')"
 
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 

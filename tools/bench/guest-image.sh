@@ -9,10 +9,12 @@
 #                  kernel was built is shown
 #   --boots N      boots to time (default 10; 0 skips)
 #
-# Reads the installed image in ${NUTSHELL_GUEST_DIR:-/usr/share/nutshell}.
+# Reads the installed image in $NUTSHELL_GUEST_DIR (tools/lib/paths.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-GUEST_DIR=${NUTSHELL_GUEST_DIR:-/usr/share/nutshell}
+# shellcheck source=tools/lib/paths.sh
+source tools/lib/paths.sh
+GUEST_DIR=$NUTSHELL_GUEST_DIR
 NUTSHELL_CACHE=${NUTSHELL_CACHE:-/var/cache/nutshell}
 CLEAN=0 BOOTS=10
 while (($#)); do

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use nutshell_runtime::hypervisor::GUEST_ASSETS_DIR;
 
 #[derive(Parser, Debug)]
 #[command(name = "nutshell", version, about = "VM-isolated containers")]
@@ -32,7 +33,7 @@ enum Command {
         #[arg(long)]
         backend_only: bool,
         /// Where the guest assets live.
-        #[arg(long, default_value = "/usr/share/nutshell")]
+        #[arg(long, default_value = GUEST_ASSETS_DIR)]
         guest_dir: PathBuf,
     },
     /// Run one command in a container in its own microVM (no containerd).
