@@ -1,9 +1,12 @@
 //! nutshell's host side: the [`hypervisor::Hypervisor`] trait and its
-//! backends (QEMU first), supervision of each VM's process tree, and the
-//! client of the in-guest agent. The containerd shim is built on these.
+//! backends (nutshell-vmm and QEMU), supervision of each VM's process tree,
+//! the client of the in-guest agent, the sandbox (a VM with its agent), and
+//! getting containers' filesystems into it ([`mounts`]). The front doors
+//! (the containerd shim, `nutshell run`) are built on these.
 
 pub mod agent;
 pub mod config;
 pub mod hypervisor;
+pub mod mounts;
 pub mod sandbox;
 pub mod shim;

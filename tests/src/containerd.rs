@@ -27,7 +27,7 @@ use crate::{
 use containerd_shim_protos::api::ConnectRequest;
 use containerd_shim_protos::shim_sync::{Client, TaskClient};
 use containerd_shim_protos::ttrpc::context;
-use nutshell_runtime::shim::mounts::mounts_below;
+use nutshell_runtime::mounts::mounts_below;
 use nutshell_runtime::shim::state::PodKey;
 
 /// The busybox image every test runs (`NS_BUSYBOX_IMAGE` of

@@ -127,7 +127,7 @@ pub fn assert_no_vm_left(dir: &Path, state: &Path) {
         "processes left behind"
     );
     assert_eq!(
-        nutshell_runtime::shim::mounts::mounts_below(dir),
+        nutshell_runtime::mounts::mounts_below(dir),
         Vec::<PathBuf>::new(),
         "mounts left behind"
     );

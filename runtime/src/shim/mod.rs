@@ -8,13 +8,12 @@
 //! `ctr run` container is its own pod. Every task call maps onto the agent
 //! in the guest ([`task`]); stdio is relayed between containerd's FIFOs or
 //! log URIs and the agent ([`stdio`]); rootfs and volumes reach the guest
-//! through the pod's virtio-fs shared directory ([`mounts`]); per-pod state
+//! through the pod's virtio-fs shared directory ([`crate::mounts`]); per-pod state
 //! under `/run/nutshell/<hash>/` lets `shim delete` clean up after a dead
 //! shim ([`state`]).
 
 pub mod events;
 pub mod metrics;
-pub mod mounts;
 pub mod options;
 pub mod pod;
 pub mod process;

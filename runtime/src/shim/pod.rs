@@ -15,10 +15,10 @@ use crate::hypervisor::{Accel, VmConfig};
 use crate::sandbox::Sandbox;
 
 use super::events::Events;
-use super::mounts::{prepare_shared_dir, remove_tree, unmount_below};
 use super::sizing::VmSize;
 use super::state::{check_id, record_processes, PodKey, PodRecord};
 use super::ShimError;
+use crate::mounts::{prepare_shared_dir, remove_tree, unmount_below};
 
 /// How long the guest gets to power off after DestroySandbox before QEMU
 /// is told to stop. Every container is gone by then and their files live

@@ -18,7 +18,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::mounts::{remove_tree, unmount_below, MountError};
+use crate::mounts::{remove_tree, unmount_below, MountError};
 
 /// Root of every pod's state.
 pub const RUN_DIR: &str = "/run/nutshell";

@@ -43,7 +43,6 @@ use nutshell_protocol::agent::{CreateContainerRequest, ExecProcessRequest as Age
 use oci_spec::runtime::Spec;
 
 use super::events::Events;
-use super::mounts::guest_rootfs;
 use super::pod::{chain, PodSpec};
 use super::process::{timestamp, Container, Process, VM_GONE_EXIT_STATUS};
 use super::state::{check_id, PodKey};
@@ -51,6 +50,7 @@ use super::stdio::StdioConfig;
 use super::{options, sizing, ShimError, CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION};
 use crate::agent::AgentError;
 use crate::config::Config;
+use crate::mounts::guest_rootfs;
 
 /// How long output may sit idle after a process exits before its relay is
 /// closed (a background child can hold the pipe forever).

@@ -15,8 +15,8 @@ use oci_spec::runtime::Spec;
 
 use crate::agent::AgentError;
 use crate::config::Config;
+use crate::mounts::{bind_volume, host_kind, mount_rootfs, rewrite_spec};
 use crate::shim::events::Events;
-use crate::shim::mounts::{bind_volume, host_kind, mount_rootfs, rewrite_spec};
 use crate::shim::pod::{Pod, PodSpec};
 use crate::shim::state::{cleanup_container, PodKey};
 use crate::shim::stdio::{Relays, StdioConfig, StdioError};

@@ -3,14 +3,14 @@
 //! It is the VM's state directory (sockets, console log) and holds the
 //! directory shared into the guest over virtio-fs, `shared/`, with the
 //! rootfs bind-mounted at `shared/<id>/rootfs`, as the shim lays a pod out
-//! (the same functions of `nutshell_runtime::shim::mounts` do the work).
+//! (the same functions of `nutshell_runtime::mounts` do the work).
 //! Everything is unmounted and removed when the run ends, on every path:
 //! explicitly at the end, or by `Drop` on an early return or a panic.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use nutshell_runtime::shim::mounts::{
+use nutshell_runtime::mounts::{
     bind_volume, guest_rootfs, mounts_below, prepare_shared_dir, remove_tree, unmount_below, Volume,
 };
 
