@@ -144,7 +144,7 @@ chmod +x "$x/inner.sh"
 : >"$x/output"
 printf -v exec_line '%q ' "$x/inner.sh" "$@"
 
-timeout --kill-after=10 "$TIMEOUT_S" "$venv/bin/vng" --run "$kdir/vmlinuz" --disable-kvm \
+PATH="$venv/bin:$PATH" timeout --kill-after=10 "$TIMEOUT_S" vng --run "$kdir/vmlinuz" --disable-kvm \
   --cpus "$CPUS" --memory "$MEMORY" --rw --verbose \
   --qemu-opts="-cpu EPYC,+svm,+npt" --exec "$exec_line" >"$x/console.log" 2>&1 </dev/null &
 vng_pid=$!
