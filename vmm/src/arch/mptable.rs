@@ -182,6 +182,16 @@ mod tests {
         out
     }
 
+    /// The entries of one type in the table for `cpus` vCPUs, in order.
+    fn of_type(cpus: u8, ty: u8) -> Vec<Vec<u8>> {
+        let t = build(cpus).unwrap();
+        parse(&t)
+            .into_iter()
+            .filter(|e| e[0] == ty)
+            .map(<[u8]>::to_vec)
+            .collect()
+    }
+
     #[test]
     fn pointer_and_table_check_out() {
         for cpus in [1u8, 2, 4, 32] {
@@ -207,11 +217,7 @@ mod tests {
 
     #[test]
     fn cpus_are_enabled_and_only_cpu0_boots() {
-        let t = build(4).unwrap();
-        let cpus: Vec<_> = parse(&t)
-            .into_iter()
-            .filter(|e| e[0] == ENTRY_CPU)
-            .collect();
+        let cpus = of_type(4, ENTRY_CPU);
         assert_eq!(cpus.len(), 4);
         for (i, e) in cpus.iter().enumerate() {
             assert_eq!((e[1], e[2]), (i as u8, LAPIC_VERSION));
@@ -222,12 +228,10 @@ mod tests {
 
     #[test]
     fn isa_bus_and_ioapic_match_kvm() {
-        let t = build(2).unwrap();
-        let e = parse(&t);
-        let bus: Vec<_> = e.iter().filter(|e| e[0] == ENTRY_BUS).collect();
+        let bus = of_type(2, ENTRY_BUS);
         assert_eq!(bus.len(), 1);
         assert_eq!((bus[0][1], &bus[0][2..8]), (BUS_ISA, &b"ISA   "[..]));
-        let io: Vec<_> = e.iter().filter(|e| e[0] == ENTRY_IOAPIC).collect();
+        let io = of_type(2, ENTRY_IOAPIC);
         assert_eq!(io.len(), 1);
         assert_eq!((io[0][1], io[0][2], io[0][3]), (2, 0x11, 1));
         let addr = u32::from_le_bytes([io[0][4], io[0][5], io[0][6], io[0][7]]);
@@ -236,11 +240,7 @@ mod tests {
 
     #[test]
     fn isa_irq_n_is_ioapic_pin_n_and_no_extint_on_the_ioapic() {
-        let t = build(2).unwrap();
-        let ints: Vec<_> = parse(&t)
-            .into_iter()
-            .filter(|e| e[0] == ENTRY_IO_INT)
-            .collect();
+        let ints = of_type(2, ENTRY_IO_INT);
         assert_eq!(ints.len(), usize::from(IOAPIC_PINS));
         for (pin, e) in ints.iter().enumerate() {
             // type INT, conforming flags, ISA bus, IRQ n -> IOAPIC 2 pin n.
@@ -253,11 +253,7 @@ mod tests {
 
     #[test]
     fn pic_on_lint0_and_nmi_on_lint1() {
-        let t = build(2).unwrap();
-        let local: Vec<_> = parse(&t)
-            .into_iter()
-            .filter(|e| e[0] == ENTRY_LOCAL_INT)
-            .collect();
+        let local = of_type(2, ENTRY_LOCAL_INT);
         assert_eq!(local.len(), 2);
         assert_eq!(local[0][1..], [INT_EXTINT, 0, 0, BUS_ISA, 0, 0, 0]);
         assert_eq!(local[1][1..], [INT_NMI, 0, 0, BUS_ISA, 0, ALL_APICS, 1]);
