@@ -3,7 +3,7 @@
 //! (PMU, which we do not virtualise) cleared.
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd};
 
 /// Failure to compute or set CPUID.
 #[derive(Debug, thiserror::Error)]
@@ -22,11 +22,31 @@ const LEAF_PMU: u32 = 0xa;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const ECX_HYPERVISOR_BIT: u32 = 1 << 31;
 const EDX_HTT_BIT: u32 = 1 << 28;
+const ECX_TSC_DEADLINE_BIT: u32 = 1 << 24;
 
 /// What KVM supports on this host (read once per VM; every vCPU starts from it).
+///
+/// KVM emulates the LAPIC's TSC-deadline mode everywhere but leaves its
+/// CPUID bit to the VMM: with it, Linux skips calibrating the LAPIC timer
+/// against the PIT, a check that fails when the host is slow or loaded
+/// ("APIC timer disabled due to verification failure", and then no
+/// high-resolution timers).
 pub fn supported(kvm: &Kvm) -> Result<CpuId, CpuidError> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(CpuidError::Supported)
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(CpuidError::Supported)?;
+    if kvm.check_extension(Cap::TscDeadlineTimer) {
+        set_tsc_deadline(&mut cpuid);
+    }
+    Ok(cpuid)
+}
+
+fn set_tsc_deadline(cpuid: &mut CpuId) {
+    for e in cpuid.as_mut_slice() {
+        if e.function == LEAF_FEATURES {
+            e.ecx |= ECX_TSC_DEADLINE_BIT;
+        }
+    }
 }
 
 /// Rewrites `cpuid` for vCPU `id` of `count`.
@@ -121,5 +141,14 @@ mod tests {
         assert_eq!((s[1].ebx, s[1].edx), (1, 2));
         assert_eq!((s[2].eax, s[2].ebx, s[2].ecx >> 8), (2, 4, 2));
         assert_eq!(s[3].ebx, 0, "no PMU");
+    }
+
+    #[test]
+    fn tsc_deadline_is_advertised_in_leaf_1_only() {
+        let mut c = CpuId::from_entries(&[entry(LEAF_FEATURES, 0), entry(LEAF_PMU, 0)]).unwrap();
+        set_tsc_deadline(&mut c);
+        let s = c.as_slice();
+        assert_ne!(s[0].ecx & ECX_TSC_DEADLINE_BIT, 0);
+        assert_eq!(s[1].ecx, 0);
     }
 }

@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# Runs a command inside "L1": a Debian Linux booted under QEMU/TCG with an
+# emulated AMD CPU that has SVM and nested paging, where kvm_amd gives a
+# /dev/kvm that can run Linux guests. For machines whose own /dev/kvm cannot
+# (docs: environment.md, "KVM inside QEMU/TCG"). Everything is emulated: use
+# it to prove correctness, never to measure performance.
+#
+#   tools/nested-kvm.sh [--] CMD [ARG...]
+#
+# CMD runs as root in the caller's directory on the host's own filesystem
+# (virtme-ng shares it read-write), with the caller's PATH and HOME. Its
+# stdout and stderr, merged, stream to our stdout; the L1 console goes to a
+# log that is shown only when L1 itself fails. Exit status: CMD's, exactly;
+# 125 when L1 failed before CMD finished (no boot, timeout, crash).
+#
+# It installs what it needs, idempotently: apt `kmod qemu-system-x86
+# python3-venv`, virtme-ng $VIRTME_NG_VERSION in a venv, and the Debian
+# kernel that `linux-image-amd64` depends on (the .deb cached under
+# $NUTSHELL_CACHE/l1 by version; the modules L1 needs unpacked into
+# /lib/modules/<version>, because L1 loads them from the host's tree).
+# A piece that cannot be had prints one `SKIP: <reason>` line and exits 0;
+# with NUTSHELL_REQUIRE_ALL=1 it is a failure (`FAIL: <reason>`, status 1).
+#
+# Knobs: NESTED_KVM_CPUS (2), NESTED_KVM_MEMORY (4G), NESTED_KVM_TIMEOUT_S
+# (1800, the whole L1 run), NESTED_KVM_ENV (more variable names to pass in).
+# L1 is CPU-hungry and stalls under load: run it under the shared VM lock,
+#   flock /tmp/nutshell-vm-tests.lock tools/nested-kvm.sh -- CMD
+set -euo pipefail
+
+VIRTME_NG_VERSION=1.42
+CACHE=${NUTSHELL_CACHE:-/var/cache/nutshell}/l1
+CPUS=${NESTED_KVM_CPUS:-2}
+MEMORY=${NESTED_KVM_MEMORY:-4G}
+TIMEOUT_S=${NESTED_KVM_TIMEOUT_S:-1800}
+# What L1 loads from the kernel package: KVM and its dependencies, and what
+# virtme-ng's initramfs needs to mount the shared root (virtio-fs, 9p).
+MODULE_DIRS='arch/x86 virt crypto lib fs net/9p net/vmw_vsock drivers/crypto drivers/virtio drivers/char drivers/block'
+
+[[ ${1:-} == -- ]] && shift
+if (($# == 0)); then
+  echo "usage: $0 [--] CMD [ARG...]" >&2
+  exit 2
+fi
+
+missing() {
+  if [[ ${NUTSHELL_REQUIRE_ALL:-} == 1 ]]; then
+    echo "FAIL: $*" >&2
+    exit 1
+  fi
+  echo "SKIP: $*"
+  exit 0
+}
+log() { echo "nested-kvm: $*" >&2; }
+
+# --- what it needs on the host -------------------------------------------------
+mkdir -p "$CACHE"
+need_pkgs=()
+command -v depmod >/dev/null || [[ -x /usr/sbin/depmod ]] || need_pkgs+=(kmod)
+command -v qemu-system-x86_64 >/dev/null || need_pkgs+=(qemu-system-x86)
+/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need_pkgs+=(python3-venv)
+if ((${#need_pkgs[@]})); then
+  log "installing ${need_pkgs[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_pkgs[@]}" >"$CACHE/apt.log" 2>&1 ||
+    missing "apt-get install ${need_pkgs[*]} failed (see $CACHE/apt.log)"
+fi
+
+venv=$CACHE/venv-virtme-ng-$VIRTME_NG_VERSION
+if [[ ! -e $venv/.complete ]]; then
+  log "installing virtme-ng $VIRTME_NG_VERSION into $venv"
+  rm -rf "$venv"
+  { /usr/bin/python3 -m venv "$venv" &&
+    "$venv/bin/pip" install -q "virtme-ng==$VIRTME_NG_VERSION"; } >"$CACHE/pip.log" 2>&1 ||
+    missing "pip install virtme-ng==$VIRTME_NG_VERSION failed (see $CACHE/pip.log)"
+  touch "$venv/.complete"
+fi
+
+kpkg=${NESTED_KVM_KERNEL_PKG:-$(apt-cache depends linux-image-amd64 2>/dev/null |
+  awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ {print $2; exit}')}
+[[ -n $kpkg ]] || missing "apt-cache names no kernel package for linux-image-amd64"
+kver=${kpkg#linux-image-}
+kdir=$CACHE/kernel-$kver
+moddir=/lib/modules/$kver
+stamp="$kpkg $MODULE_DIRS"
+if [[ ! -s $kdir/vmlinuz || $(cat "$moddir/.nutshell-l1" 2>/dev/null) != "$stamp" ]]; then
+  mkdir -p "$kdir"
+  deb=$(ls "$kdir"/"${kpkg}"_*.deb 2>/dev/null | head -1 || true)
+  if [[ -z $deb ]]; then
+    log "downloading $kpkg"
+    (cd "$kdir" && apt-get download "$kpkg") >"$CACHE/apt.log" 2>&1 ||
+      missing "apt-get download $kpkg failed (see $CACHE/apt.log)"
+    deb=$(ls "$kdir"/"${kpkg}"_*.deb | head -1)
+  fi
+  log "unpacking $kpkg: $kdir/vmlinuz and the modules L1 needs into $moddir"
+  members=("./boot/vmlinuz-$kver" "./lib/modules/$kver/modules.builtin"
+    "./lib/modules/$kver/modules.builtin.modinfo" "./lib/modules/$kver/modules.order")
+  for d in $MODULE_DIRS; do members+=("./lib/modules/$kver/kernel/$d"); done
+  unpack=$kdir/unpack
+  rm -rf "$unpack" "$moddir"
+  mkdir -p "$unpack"
+  dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$unpack" "${members[@]}" ||
+    missing "unpacking $deb failed"
+  mv "$unpack/boot/vmlinuz-$kver" "$kdir/vmlinuz"
+  mkdir -p /lib/modules
+  mv "$unpack/lib/modules/$kver" "$moddir"
+  rm -rf "$unpack"
+  /usr/sbin/depmod "$kver" || missing "depmod $kver failed"
+  echo "$stamp" >"$moddir/.nutshell-l1"
+fi
+
+# --- the run ---------------------------------------------------------------------
+# The exchange directory: a host path L1 sees. Not /tmp (an overlay in L1)
+# and not /var/{cache,tmp,log} (empty tmpfs there).
+xroot=$HOME/.cache/nutshell-nested-kvm
+mkdir -p "$xroot"
+x=$(mktemp -d "$xroot/run.XXXXXX")
+vng_pid=
+tail_pid=
+cleanup() {
+  [[ -n $vng_pid ]] && kill "$vng_pid" 2>/dev/null || true
+  [[ -n $tail_pid ]] && kill "$tail_pid" 2>/dev/null || true
+  rm -rf "$x"
+}
+trap cleanup EXIT
+
+{
+  echo "#!/bin/bash"
+  for v in PATH HOME CARGO_HOME RUSTUP_HOME NUTSHELL_REQUIRE_ALL ${NESTED_KVM_ENV:-}; do
+    [[ -n ${!v+set} ]] && printf 'export %s=%q\n' "$v" "${!v}"
+  done
+  printf 'x=%q\n' "$x"
+  printf 'cd %q || exit 125\n' "$PWD"
+  # A missing /dev/kvm is a missing piece (the emulated CPU has no SVM),
+  # which the host side reports; the command's status is written last.
+  cat <<'EOF'
+if ! modprobe kvm_amd >"$x/modprobe.log" 2>&1 || [[ ! -c /dev/kvm ]]; then
+  echo nokvm >"$x/status"
+  exit 0
+fi
+"$@" >"$x/output" 2>&1 </dev/null
+echo $? >"$x/status.new" && mv "$x/status.new" "$x/status"
+EOF
+} >"$x/inner.sh"
+chmod +x "$x/inner.sh"
+: >"$x/output"
+printf -v exec_line '%q ' "$x/inner.sh" "$@"
+
+PATH="$venv/bin:$PATH" timeout --kill-after=10 "$TIMEOUT_S" vng --run "$kdir/vmlinuz" --disable-kvm \
+  --cpus "$CPUS" --memory "$MEMORY" --rw --verbose \
+  --qemu-opts="-cpu EPYC,+svm,+npt" --exec "$exec_line" >"$x/console.log" 2>&1 </dev/null &
+vng_pid=$!
+tail -n +1 -f --pid="$vng_pid" "$x/output" &
+tail_pid=$!
+wait "$vng_pid" && vng_rc=0 || vng_rc=$?
+vng_pid=
+wait "$tail_pid" 2>/dev/null || true
+tail_pid=
+
+status=$(cat "$x/status" 2>/dev/null || true)
+if [[ $status == nokvm ]]; then
+  missing "no /dev/kvm in L1 (modprobe kvm_amd: $(tr '\n' ' ' <"$x/modprobe.log"))"
+fi
+if [[ ! $status =~ ^[0-9]+$ ]]; then
+  log "L1 ended (vng status $vng_rc$([[ $vng_rc == 124 ]] && echo ", timed out after ${TIMEOUT_S}s")) before the command finished; its console's last lines:"
+  tail -40 "$x/console.log" >&2
+  exit 125
+fi
+if grep -q 'rcu_.*detected stalls\|RCU Stall' "$x/console.log"; then
+  log "warning: L1 reported RCU stalls (host under load?)"
+fi
+exit "$status"
