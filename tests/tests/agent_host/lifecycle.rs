@@ -7,7 +7,7 @@ use std::path::Path;
 use nutshell_protocol::agent as pb;
 
 use crate::agent::{ctx, sh, spec, status_of, Agent};
-use crate::procfs::{count_fds, count_mounts, descendants};
+use crate::procfs::{count_fds, count_mounts, descendants, settled_fds};
 
 #[tokio::test]
 async fn echo_is_captured_and_exit_codes_come_back() {
@@ -118,7 +118,7 @@ async fn exec_shares_the_pid_namespace_and_the_init_is_pid_1() {
     );
     // Exec processes can be removed one by one; their ids are free again
     // and nothing of them stays in the agent.
-    let fds = count_fds(a.pid());
+    let fds = settled_fds(a.pid()).await;
     for i in 0..30 {
         a.exec("ex", "probe", &["sh", "-c", "echo probe"], false)
             .await
@@ -137,7 +137,7 @@ async fn exec_shares_the_pid_namespace_and_the_init_is_pid_1() {
         a.client.remove_container(ctx(), &rm).await.unwrap();
     }
     assert_eq!(
-        count_fds(a.pid()),
+        settled_fds(a.pid()).await,
         fds,
         "descriptors of removed execs are closed"
     );

@@ -51,6 +51,23 @@ pub fn count_fds(pid: i32) -> usize {
         .count()
 }
 
+/// [`count_fds`] once the count holds still: the agent closes a finished
+/// call's descriptors (a reaped child's pipes, a ttrpc stream) a moment
+/// after the reply, so one reading can count a descriptor that is on its
+/// way out. Two equal readings 50 ms apart, within 2 s.
+pub async fn settled_fds(pid: i32) -> usize {
+    let mut last = count_fds(pid);
+    for _ in 0..40 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let now = count_fds(pid);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
 /// Mounts of this host that involve `dir` (the test's rootfs lives there):
 /// other work on the machine may mount and unmount elsewhere meanwhile.
 pub fn count_mounts(dir: &Path) -> usize {
