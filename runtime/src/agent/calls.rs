@@ -9,7 +9,8 @@ use nutshell_protocol::agent::{
     GetOomEventRequest, GuestDetailsRequest, GuestDetailsResponse, HealthRequest, HealthResponse,
     ListProcessesRequest, ListProcessesResponse, OomEvent, ReadOutputRequest, ReadOutputResponse,
     RemoveContainerRequest, ResizeTerminalRequest, SetTimeRequest, SignalProcessRequest,
-    StartContainerRequest, StatsContainerResponse, UpdateContainerRequest, WaitProcessRequest,
+    StartContainerRequest, StatsContainerResponse, UpdateContainerRequest, UpdateNetworkRequest,
+    WaitProcessRequest,
     WaitProcessResponse, WriteStdinRequest, WriteStdinResponse,
 };
 
@@ -68,6 +69,18 @@ impl AgentClient {
         self.call("SetTime", false, self.raw.set_time(self.ctx(false), &req))
             .await
             .map(drop)
+    }
+
+    /// Configures the pod's network in the guest: exactly these NICs'
+    /// addresses, routes and neighbours.
+    pub async fn update_network(&self, req: &UpdateNetworkRequest) -> Result<(), AgentError> {
+        self.call(
+            "UpdateNetwork",
+            false,
+            self.raw.update_network(self.ctx(false), req),
+        )
+        .await
+        .map(drop)
     }
 
     /// Sets the sandbox up (hostname, DNS, storages such as the shared
