@@ -21,6 +21,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::netns::{bridge_conflist, TestNetns};
 use crate::{
     guest_dir, is_root, require, run_ok, test_images_script, which, workspace_root, BUSYBOX,
 };
@@ -135,6 +136,8 @@ pub struct Containerd {
     pub socket: PathBuf,
     /// The nutshell config the shim reads (via `NUTSHELL_CONFIG`).
     pub nutshell_config: PathBuf,
+    /// The network namespace containerd runs in, when not the machine's.
+    netns: Option<PathBuf>,
 }
 
 impl Containerd {
@@ -147,6 +150,21 @@ impl Containerd {
     /// Like [`Self::start`], but the CRI runtime option `ConfigPath` names a
     /// second config, `cri_config`, instead of the one in `NUTSHELL_CONFIG`.
     pub fn start_with(nutshell_config: &str, cri_config: Option<&str>) -> io::Result<Self> {
+        Self::start_full(nutshell_config, cri_config, None)
+    }
+
+    /// Like [`Self::start`], but containerd runs in `netns`, with the CNI
+    /// network [`bridge_conflist`] there: its pods get addresses on a bridge
+    /// in `netns`, never on the machine's network.
+    pub fn start_in_netns(nutshell_config: &str, netns: &TestNetns) -> io::Result<Self> {
+        Self::start_full(nutshell_config, None, Some(netns))
+    }
+
+    fn start_full(
+        nutshell_config: &str,
+        cri_config: Option<&str>,
+        netns: Option<&TestNetns>,
+    ) -> io::Result<Self> {
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Short: containerd's socket path must fit in sun_path.
@@ -156,6 +174,12 @@ impl Containerd {
         }
         fs::create_dir_all(dir.join("bin"))?;
         fs::create_dir_all(dir.join("cni"))?;
+        if netns.is_some() {
+            fs::write(
+                dir.join("cni/10-nutshell-test.conflist"),
+                bridge_conflist(&dir.join("cni-ipam")),
+            )?;
+        }
         let shim = shim_binary().ok_or_else(|| io::Error::other("shim binary not built"))?;
         symlink(&shim, dir.join("bin/containerd-shim-nutshell-v2"))?;
         let nutshell_config_path = dir.join("nutshell.toml");
@@ -178,6 +202,7 @@ impl Containerd {
             child: None,
             socket,
             nutshell_config: nutshell_config_path,
+            netns: netns.map(TestNetns::path),
         };
         c.spawn()?;
         // Once for ctr, once for the CRI plugin, which only sees k8s.io.
@@ -234,7 +259,17 @@ impl Containerd {
             .create(true)
             .append(true)
             .open(self.dir.join("containerd.log"))?;
-        let child = Command::new("containerd")
+        // nsenter execs containerd (no fork for a network namespace), so the
+        // child is containerd itself.
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display())).arg("containerd");
+                c
+            }
+            None => Command::new("containerd"),
+        };
+        let child = cmd
             .arg("--config")
             .arg(self.dir.join("config.toml"))
             .env("PATH", path)
@@ -517,17 +552,50 @@ pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> io::Result<O
 pub fn start_test(
     nutshell_config: &str,
 ) -> Option<(MutexGuard<'static, ()>, Containerd, Footprint)> {
+    let (guard, before) = begin_test(prerequisites())?;
+    let c = Containerd::start(nutshell_config).expect("private containerd starts");
+    Some((guard, c, before))
+}
+
+/// Takes the test lock and checks `ready` (skipping, or failing under
+/// `NUTSHELL_REQUIRE_ALL=1`); the host's nutshell footprint before the test.
+fn begin_test(ready: Result<(), String>) -> Option<(MutexGuard<'static, ()>, Footprint)> {
     let guard = serial();
-    let ready = prerequisites();
     if !require(
         ready.is_ok(),
         ready.as_ref().err().map_or("", String::as_str),
     ) {
         return None;
     }
-    let before = Footprint::now();
-    let c = Containerd::start(nutshell_config).expect("private containerd starts");
-    Some((guard, c, before))
+    Some((guard, Footprint::now()))
+}
+
+/// An end-to-end network test: a private containerd in a network namespace
+/// of the test's own, with a CNI bridge there ([`Containerd::start_in_netns`]).
+/// Fields drop in order: containerd, then the namespace, then the lock.
+pub struct NetTest {
+    /// The containerd, running in [`Self::netns`].
+    pub c: Containerd,
+    /// The "node": the namespace holding containerd, the bridge and the
+    /// host ends of the pods' veths.
+    pub netns: TestNetns,
+    /// The host's nutshell footprint before the test.
+    pub before: Footprint,
+    _guard: MutexGuard<'static, ()>,
+}
+
+/// [`start_test`] for a network test: also needs what the CNI network
+/// needs, and starts containerd in a fresh [`TestNetns`].
+pub fn start_net_test(nutshell_config: &str) -> Option<NetTest> {
+    let (guard, before) = begin_test(prerequisites().and_then(|()| crate::netns::prerequisites()))?;
+    let netns = TestNetns::create().expect("ip netns add");
+    let c = Containerd::start_in_netns(nutshell_config, &netns).expect("private containerd starts");
+    Some(NetTest {
+        c,
+        netns,
+        before,
+        _guard: guard,
+    })
 }
 
 impl Containerd {
@@ -667,6 +735,11 @@ mod tests {
             Some("/run/x/containerd.sock")
         );
         assert_eq!(cri["sandbox_image"].as_str(), Some(PAUSE_IMAGE));
+        assert_eq!(
+            cri["cni"]["bin_dir"].as_str(),
+            Some(crate::netns::CNI_BIN_DIR)
+        );
+        assert_eq!(cri["cni"]["conf_dir"].as_str(), Some("/run/x/cni"));
         assert!(runtimes.get(NUTSHELL_HANDLER).is_some());
     }
 

@@ -7,6 +7,8 @@
 //! fails. Nothing passes silently because the host lacks something.
 
 pub mod containerd;
+pub mod cri;
+pub mod netns;
 
 use std::fs;
 use std::io;

@@ -3,11 +3,8 @@
 //! "nutshell"`: one VM for the sandbox and both of its containers.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerStatsRequest, CreateContainerRequest,
     ExecSyncRequest, ImageSpec, LinuxContainerResources, LinuxPodSandboxConfig,
@@ -20,24 +17,8 @@ use nutshell_tests::containerd::{
     guest_kernel_release, prerequisites, serial, test_nutshell_config, Containerd, Footprint,
     BUSYBOX_IMAGE, CRI_NAMESPACE, NUTSHELL_HANDLER,
 };
+use nutshell_tests::cri::cri_client;
 use nutshell_tests::require;
-use tonic::transport::{Channel, Endpoint, Uri};
-
-async fn cri_client(socket: PathBuf) -> RuntimeServiceClient<Channel> {
-    let channel = Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .expect("CRI socket connects");
-    RuntimeServiceClient::new(channel)
-}
 
 /// The command lines of the QEMUs serving CRI pod `pod` of `c`.
 fn vm_cmdlines(c: &Containerd, pod: &str) -> Vec<String> {

@@ -1,0 +1,275 @@
+//! A CRI client on a test containerd's socket (`k8s-cri`, as the kubelet
+//! speaks it), and the pod steps the CRI tests and the network benchmark
+//! share. A failed call panics quoting containerd's log: these are test
+//! helpers, and the log says why.
+
+use std::path::PathBuf;
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest, ExecSyncResponse,
+    ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceMode,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxState,
+    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::containerd::{Containerd, BUSYBOX_IMAGE};
+
+/// A CRI runtime service client.
+pub type CriClient = RuntimeServiceClient<Channel>;
+
+/// Connects a CRI client to the containerd socket `socket`.
+pub async fn cri_client(socket: PathBuf) -> CriClient {
+    let channel = Endpoint::try_from("http://[::]:50051")
+        .expect("a static URI parses")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("CRI socket connects");
+    RuntimeServiceClient::new(channel)
+}
+
+/// A pod's config: `name` (also its hostname and uid), container logs
+/// under `log_dir`, network namespace `network` (`Pod`: CNI's; `Node`: the
+/// host's).
+pub fn pod_config(
+    name: &str,
+    log_dir: &std::path::Path,
+    network: NamespaceMode,
+) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: log_dir.display().to_string(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: network as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A CRI client bound to the containerd it talks to.
+pub struct Cri<'a> {
+    /// The raw client, for calls the helpers do not cover.
+    pub client: CriClient,
+    c: &'a Containerd,
+}
+
+impl<'a> Cri<'a> {
+    /// Connects to `c`'s CRI socket.
+    pub async fn connect(c: &'a Containerd) -> Self {
+        Self {
+            client: cri_client(c.socket.clone()).await,
+            c,
+        }
+    }
+
+    fn fail(&self, what: &str, e: impl std::fmt::Display) -> ! {
+        panic!("{what}: {e}\ncontainerd log:\n{}", self.c.log_tail(80))
+    }
+
+    /// RunPodSandbox under runtime handler `handler`; the pod's id.
+    pub async fn run_pod(&mut self, config: &PodSandboxConfig, handler: &str) -> String {
+        match self
+            .client
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: handler.into(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner().pod_sandbox_id,
+            Err(e) => self.fail(&format!("RunPodSandbox ({handler})"), e),
+        }
+    }
+
+    /// Verbose PodSandboxStatus: the status and containerd's `info` JSON.
+    pub async fn pod_status(
+        &mut self,
+        pod: &str,
+    ) -> (k8s_cri::v1::PodSandboxStatus, serde_json::Value) {
+        let resp = match self
+            .client
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: pod.into(),
+                verbose: true,
+            })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(e) => self.fail("PodSandboxStatus", e),
+        };
+        let info = resp
+            .info
+            .get("info")
+            .and_then(|i| serde_json::from_str(i).ok())
+            .unwrap_or_default();
+        (resp.status.unwrap_or_default(), info)
+    }
+
+    /// The pod's IP, as CRI reports it.
+    pub async fn pod_ip(&mut self, pod: &str) -> String {
+        let (status, _) = self.pod_status(pod).await;
+        status.network.map(|n| n.ip).unwrap_or_default()
+    }
+
+    /// Whether the pod is ready (its sandbox runs).
+    pub async fn pod_ready(&mut self, pod: &str) -> bool {
+        self.pod_status(pod).await.0.state == PodSandboxState::SandboxReady as i32
+    }
+
+    /// The path of the pod's network namespace, from the sandbox's runtime
+    /// spec (`linux.namespaces`, type `network`); `None` for a pod on the
+    /// host's network.
+    pub async fn pod_netns(&mut self, pod: &str) -> Option<PathBuf> {
+        let (_, info) = self.pod_status(pod).await;
+        info["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()?
+            .iter()
+            .find(|n| n["type"] == "network")?["path"]
+            .as_str()
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+    }
+
+    /// Creates and starts container `name` of the busybox image running
+    /// `command` in `pod`, with `mounts`; its id.
+    pub async fn start_container(
+        &mut self,
+        pod: &str,
+        pod_config: &PodSandboxConfig,
+        name: &str,
+        command: &[&str],
+        mounts: Vec<Mount>,
+    ) -> String {
+        let created = self
+            .client
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.into(),
+                config: Some(ContainerConfig {
+                    metadata: Some(ContainerMetadata {
+                        name: name.into(),
+                        attempt: 0,
+                    }),
+                    image: Some(ImageSpec {
+                        image: BUSYBOX_IMAGE.into(),
+                        ..Default::default()
+                    }),
+                    command: command.iter().map(|s| s.to_string()).collect(),
+                    log_path: format!("{name}.log"),
+                    mounts,
+                    ..Default::default()
+                }),
+                sandbox_config: Some(pod_config.clone()),
+            })
+            .await;
+        let id = match created {
+            Ok(r) => r.into_inner().container_id,
+            Err(e) => self.fail(&format!("CreateContainer {name}"), e),
+        };
+        if let Err(e) = self
+            .client
+            .start_container(StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+        {
+            self.fail(&format!("StartContainer {name}"), e);
+        }
+        id
+    }
+
+    /// ExecSync of `sh -c script` in container `id` (timeout 120 s).
+    pub async fn exec(&mut self, id: &str, script: &str) -> ExecSyncResponse {
+        match self
+            .client
+            .exec_sync(ExecSyncRequest {
+                container_id: id.into(),
+                cmd: vec!["sh".into(), "-c".into(), script.into()],
+                timeout: 120,
+            })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(e) => self.fail("ExecSync", e),
+        }
+    }
+
+    /// [`Self::exec`] that must exit 0; its stdout.
+    pub async fn exec_ok(&mut self, id: &str, script: &str) -> String {
+        let r = self.exec(id, script).await;
+        let out = String::from_utf8_lossy(&r.stdout).into_owned();
+        if r.exit_code != 0 {
+            self.fail(
+                &format!("`{script}` exited {}", r.exit_code),
+                format!("{out}{}", String::from_utf8_lossy(&r.stderr)),
+            );
+        }
+        out
+    }
+
+    /// Stops and removes `containers`, then stops and removes `pod`, as
+    /// the kubelet does when a pod is deleted.
+    pub async fn remove_pod(&mut self, pod: &str, containers: &[String]) {
+        for id in containers {
+            if let Err(e) = self
+                .client
+                .stop_container(StopContainerRequest {
+                    container_id: id.clone(),
+                    timeout: 2,
+                })
+                .await
+            {
+                self.fail("StopContainer", e);
+            }
+            if let Err(e) = self
+                .client
+                .remove_container(RemoveContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await
+            {
+                self.fail("RemoveContainer", e);
+            }
+        }
+        if let Err(e) = self
+            .client
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .await
+        {
+            self.fail("StopPodSandbox", e);
+        }
+        if let Err(e) = self
+            .client
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .await
+        {
+            self.fail("RemovePodSandbox", e);
+        }
+    }
+}
