@@ -559,7 +559,9 @@ pub fn start_test(
 
 /// Takes the test lock and checks `ready` (skipping, or failing under
 /// `NUTSHELL_REQUIRE_ALL=1`); the host's nutshell footprint before the test.
-fn begin_test(ready: Result<(), String>) -> Option<(MutexGuard<'static, ()>, Footprint)> {
+pub(crate) fn begin_test(
+    ready: Result<(), String>,
+) -> Option<(MutexGuard<'static, ()>, Footprint)> {
     let guard = serial();
     if !require(
         ready.is_ok(),
@@ -568,34 +570,6 @@ fn begin_test(ready: Result<(), String>) -> Option<(MutexGuard<'static, ()>, Foo
         return None;
     }
     Some((guard, Footprint::now()))
-}
-
-/// An end-to-end network test: a private containerd in a network namespace
-/// of the test's own, with a CNI bridge there ([`Containerd::start_in_netns`]).
-/// Fields drop in order: containerd, then the namespace, then the lock.
-pub struct NetTest {
-    /// The containerd, running in [`Self::netns`].
-    pub c: Containerd,
-    /// The "node": the namespace holding containerd, the bridge and the
-    /// host ends of the pods' veths.
-    pub netns: TestNetns,
-    /// The host's nutshell footprint before the test.
-    pub before: Footprint,
-    _guard: MutexGuard<'static, ()>,
-}
-
-/// [`start_test`] for a network test: also needs what the CNI network
-/// needs, and starts containerd in a fresh [`TestNetns`].
-pub fn start_net_test(nutshell_config: &str) -> Option<NetTest> {
-    let (guard, before) = begin_test(prerequisites().and_then(|()| crate::netns::prerequisites()))?;
-    let netns = TestNetns::create().expect("ip netns add");
-    let c = Containerd::start_in_netns(nutshell_config, &netns).expect("private containerd starts");
-    Some(NetTest {
-        c,
-        netns,
-        before,
-        _guard: guard,
-    })
 }
 
 impl Containerd {

@@ -10,7 +10,8 @@
 //!
 //! The CNI network of a test containerd ([`bridge_conflist`]) lives in the
 //! namespace that containerd runs in: its bridge, and the host ends of the
-//! pods' veths, with [`NODE_IP`] on the bridge.
+//! pods' veths, with [`NODE_IP`] on the bridge. [`start_net_test`] sets up
+//! both for a test, and its [`NetTest`] removes what a failed test left.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -19,11 +20,13 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::MutexGuard;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::sched::{setns, CloneFlags};
 
+use crate::containerd::{self, begin_test, Containerd, Footprint, CRI_NAMESPACE};
 use crate::{run_ok, which};
 
 /// The pods' subnet on the test bridge.
@@ -250,6 +253,74 @@ pub fn serve_http(listener: TcpListener, body: String, requests: usize) -> JoinH
         }
         served
     })
+}
+
+/// An end-to-end network test: a private containerd in a network namespace
+/// of the test's own, with a CNI bridge there ([`Containerd::start_in_netns`]).
+/// Fields drop in order: containerd, then the namespace, then the lock.
+pub struct NetTest {
+    /// The containerd, running in [`Self::netns`].
+    pub c: Containerd,
+    /// The "node": the namespace holding containerd, the bridge and the
+    /// host ends of the pods' veths.
+    pub netns: TestNetns,
+    /// The host's nutshell footprint before the test.
+    pub before: Footprint,
+    _guard: MutexGuard<'static, ()>,
+}
+
+/// [`start_test`](crate::containerd::start_test) for a network test: also
+/// needs what the CNI network needs, and starts containerd in a fresh
+/// [`TestNetns`].
+pub fn start_net_test(nutshell_config: &str) -> Option<NetTest> {
+    let (guard, before) = begin_test(containerd::prerequisites().and_then(|()| prerequisites()))?;
+    let netns = TestNetns::create().expect("ip netns add");
+    let c = Containerd::start_in_netns(nutshell_config, &netns).expect("private containerd starts");
+    Some(NetTest {
+        c,
+        netns,
+        before,
+        _guard: guard,
+    })
+}
+
+impl Drop for NetTest {
+    /// A test that failed midway left its pods to containerd's clean-up,
+    /// which knows nothing of CRI: the pods' namespaces that CRI made
+    /// (`/run/netns/cni-*`) are deleted here. Their veths and portmap rules
+    /// go with them and with the node's namespace.
+    fn drop(&mut self) {
+        let bundles = self
+            .c
+            .dir()
+            .join("state/io.containerd.runtime.v2.task")
+            .join(CRI_NAMESPACE);
+        let Ok(rd) = std::fs::read_dir(bundles) else {
+            return;
+        };
+        let mut names: Vec<String> = rd
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("config.json")).ok())
+            .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .filter_map(|spec| {
+                let path = spec["linux"]["namespaces"]
+                    .as_array()?
+                    .iter()
+                    .find(|n| n["type"] == "network")?["path"]
+                    .as_str()?
+                    .to_string();
+                let name = path
+                    .strip_prefix("/var/run/netns/")
+                    .or_else(|| path.strip_prefix("/run/netns/"))?;
+                name.starts_with("cni-").then(|| name.to_string())
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        for name in names {
+            let _ = Command::new("ip").args(["netns", "delete", &name]).status();
+        }
+    }
 }
 
 #[cfg(test)]
