@@ -22,7 +22,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "build the static agent (tests/tests/agent_host/ runs it)"
 tools/build-agent.sh >/dev/null
 
-step "build the shim (tests/tests/containerd_*.rs run it under a private containerd)"
+step "build the shim (tests/tests/containerd_*.rs run it under a private containerd; containerd_cni.rs in a network namespace of its own)"
 cargo build -p nutshell-runtime --bin containerd-shim-nutshell-v2
 
 step "cargo test"
