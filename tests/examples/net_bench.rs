@@ -115,9 +115,11 @@ async fn measure(
     rounds: usize,
 ) -> Result<Figures, Box<dyn std::error::Error>> {
     let mut cri = Cri::connect(&t.c).await;
-    let logs = t.c.dir().join("pod-logs");
-    std::fs::create_dir_all(&logs)?;
-    let config = pod_config(&format!("bench-{handler}"), &logs, NamespaceMode::Pod);
+    let config = pod_config(
+        &format!("bench-{handler}"),
+        &t.pod_logs(),
+        NamespaceMode::Pod,
+    );
     let pod = cri.run_pod(&config, handler).await;
     let ip = cri.pod_ip(&pod).await;
     let container = cri

@@ -69,6 +69,15 @@ pub fn pod_config(
     }
 }
 
+/// `$cri.client.$method($request).await`, its reply unwrapped by
+/// [`Cri::ok`] under the name `$what`.
+macro_rules! call {
+    ($cri:expr, $method:ident, $what:expr, $request:expr) => {{
+        let r = $cri.client.$method($request).await;
+        $cri.ok($what, r)
+    }};
+}
+
 /// A CRI client bound to the containerd it talks to.
 pub struct Cri<'a> {
     /// The raw client, for calls the helpers do not cover.
@@ -89,19 +98,23 @@ impl<'a> Cri<'a> {
         panic!("{what}: {e}\ncontainerd log:\n{}", self.c.log_tail(80))
     }
 
+    /// The reply of call `what`, or a panic quoting containerd's log.
+    fn ok<T>(&self, what: &str, r: Result<tonic::Response<T>, tonic::Status>) -> T {
+        r.unwrap_or_else(|e| self.fail(what, e)).into_inner()
+    }
+
     /// RunPodSandbox under runtime handler `handler`; the pod's id.
     pub async fn run_pod(&mut self, config: &PodSandboxConfig, handler: &str) -> String {
-        match self
-            .client
-            .run_pod_sandbox(RunPodSandboxRequest {
+        call!(
+            self,
+            run_pod_sandbox,
+            &format!("RunPodSandbox ({handler})"),
+            RunPodSandboxRequest {
                 config: Some(config.clone()),
                 runtime_handler: handler.into(),
-            })
-            .await
-        {
-            Ok(r) => r.into_inner().pod_sandbox_id,
-            Err(e) => self.fail(&format!("RunPodSandbox ({handler})"), e),
-        }
+            }
+        )
+        .pod_sandbox_id
     }
 
     /// Verbose PodSandboxStatus: the status and containerd's `info` JSON.
@@ -109,17 +122,15 @@ impl<'a> Cri<'a> {
         &mut self,
         pod: &str,
     ) -> (k8s_cri::v1::PodSandboxStatus, serde_json::Value) {
-        let resp = match self
-            .client
-            .pod_sandbox_status(PodSandboxStatusRequest {
+        let resp = call!(
+            self,
+            pod_sandbox_status,
+            "PodSandboxStatus",
+            PodSandboxStatusRequest {
                 pod_sandbox_id: pod.into(),
                 verbose: true,
-            })
-            .await
-        {
-            Ok(r) => r.into_inner(),
-            Err(e) => self.fail("PodSandboxStatus", e),
-        };
+            }
+        );
         let info = resp
             .info
             .get("info")
@@ -154,7 +165,7 @@ impl<'a> Cri<'a> {
     }
 
     /// Creates and starts container `name` of the busybox image running
-    /// `command` in `pod`, with `mounts`; its id.
+    /// `command` in `pod`, with `mounts`, logging to `<name>.log`; its id.
     pub async fn start_container(
         &mut self,
         pod: &str,
@@ -163,9 +174,11 @@ impl<'a> Cri<'a> {
         command: &[&str],
         mounts: Vec<Mount>,
     ) -> String {
-        let created = self
-            .client
-            .create_container(CreateContainerRequest {
+        let id = call!(
+            self,
+            create_container,
+            &format!("CreateContainer {name}"),
+            CreateContainerRequest {
                 pod_sandbox_id: pod.into(),
                 config: Some(ContainerConfig {
                     metadata: Some(ContainerMetadata {
@@ -182,38 +195,32 @@ impl<'a> Cri<'a> {
                     ..Default::default()
                 }),
                 sandbox_config: Some(pod_config.clone()),
-            })
-            .await;
-        let id = match created {
-            Ok(r) => r.into_inner().container_id,
-            Err(e) => self.fail(&format!("CreateContainer {name}"), e),
-        };
-        if let Err(e) = self
-            .client
-            .start_container(StartContainerRequest {
+            }
+        )
+        .container_id;
+        call!(
+            self,
+            start_container,
+            &format!("StartContainer {name}"),
+            StartContainerRequest {
                 container_id: id.clone(),
-            })
-            .await
-        {
-            self.fail(&format!("StartContainer {name}"), e);
-        }
+            }
+        );
         id
     }
 
     /// ExecSync of `sh -c script` in container `id` (timeout 120 s).
     pub async fn exec(&mut self, id: &str, script: &str) -> ExecSyncResponse {
-        match self
-            .client
-            .exec_sync(ExecSyncRequest {
+        call!(
+            self,
+            exec_sync,
+            "ExecSync",
+            ExecSyncRequest {
                 container_id: id.into(),
                 cmd: vec!["sh".into(), "-c".into(), script.into()],
                 timeout: 120,
-            })
-            .await
-        {
-            Ok(r) => r.into_inner(),
-            Err(e) => self.fail("ExecSync", e),
-        }
+            }
+        )
     }
 
     /// [`Self::exec`] that must exit 0; its stdout.
@@ -229,47 +236,46 @@ impl<'a> Cri<'a> {
         out
     }
 
-    /// Stops and removes `containers`, then stops and removes `pod`, as
-    /// the kubelet does when a pod is deleted.
-    pub async fn remove_pod(&mut self, pod: &str, containers: &[String]) {
+    /// Stops and removes `containers`, as the kubelet does.
+    pub async fn remove_containers(&mut self, containers: &[String]) {
         for id in containers {
-            if let Err(e) = self
-                .client
-                .stop_container(StopContainerRequest {
-                    container_id: id.clone(),
+            let container_id = id.clone();
+            call!(
+                self,
+                stop_container,
+                "StopContainer",
+                StopContainerRequest {
+                    container_id,
                     timeout: 2,
-                })
-                .await
-            {
-                self.fail("StopContainer", e);
-            }
-            if let Err(e) = self
-                .client
-                .remove_container(RemoveContainerRequest {
-                    container_id: id.clone(),
-                })
-                .await
-            {
-                self.fail("RemoveContainer", e);
-            }
+                }
+            );
+            let container_id = id.clone();
+            call!(
+                self,
+                remove_container,
+                "RemoveContainer",
+                RemoveContainerRequest { container_id }
+            );
         }
-        if let Err(e) = self
-            .client
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: pod.into(),
-            })
-            .await
-        {
-            self.fail("StopPodSandbox", e);
-        }
-        if let Err(e) = self
-            .client
-            .remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: pod.into(),
-            })
-            .await
-        {
-            self.fail("RemovePodSandbox", e);
-        }
+    }
+
+    /// Removes `containers`, then stops and removes `pod`, as the kubelet
+    /// does when a pod is deleted.
+    pub async fn remove_pod(&mut self, pod: &str, containers: &[String]) {
+        self.remove_containers(containers).await;
+        let pod_sandbox_id = pod.to_string();
+        call!(
+            self,
+            stop_pod_sandbox,
+            "StopPodSandbox",
+            StopPodSandboxRequest { pod_sandbox_id }
+        );
+        let pod_sandbox_id = pod.to_string();
+        call!(
+            self,
+            remove_pod_sandbox,
+            "RemovePodSandbox",
+            RemovePodSandboxRequest { pod_sandbox_id }
+        );
     }
 }

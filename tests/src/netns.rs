@@ -284,6 +284,15 @@ pub fn start_net_test(nutshell_config: &str) -> Option<NetTest> {
     })
 }
 
+impl NetTest {
+    /// The directory for the pods' container logs (made on first use).
+    pub fn pod_logs(&self) -> PathBuf {
+        let dir = self.c.dir().join("pod-logs");
+        std::fs::create_dir_all(&dir).expect("the pod log directory can be made");
+        dir
+    }
+}
+
 impl Drop for NetTest {
     /// A test that failed midway left its pods to containerd's clean-up,
     /// which knows nothing of CRI: the pods' namespaces that CRI made

@@ -139,8 +139,7 @@ fn two_pods_on_the_bridge(handler: &str) {
         return;
     };
     let nutshell = handler == NUTSHELL_HANDLER;
-    let logs = t.c.dir().join("pod-logs");
-    std::fs::create_dir_all(&logs).unwrap();
+    let logs = t.pod_logs();
     // On every address of the node: the bridge only comes with the first pod.
     let node_listener = t
         .netns
@@ -269,26 +268,36 @@ fn shim_pid(pod: &str) -> u32 {
         .unwrap_or_else(|| panic!("no shim serves pod {pod}"))
 }
 
-#[test]
-fn a_killed_shim_leaves_no_tap_or_tc_filter_in_the_pods_netns() {
+/// Runs a sleeping nutshell pod `name` on `network` in a fresh network
+/// test and hands it to `check`; then removes it and checks that its
+/// namespace, if any, holds only `lo`, and that nutshell left nothing.
+fn with_a_nutshell_pod(
+    name: &str,
+    network: NamespaceMode,
+    check: impl AsyncFnOnce(&NetTest, &mut Cri<'_>, &Pod),
+) {
     let Some(t) = start_net_test(&test_nutshell_config("")) else {
         return;
     };
-    let logs = t.c.dir().join("pod-logs");
-    std::fs::create_dir_all(&logs).unwrap();
+    let config = pod_config(name, &t.pod_logs(), network);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let mut cri = Cri::connect(&t.c).await;
-        let config = pod_config("pod-killed", &logs, NamespaceMode::Pod);
-        let pod = start_pod(
-            &mut cri,
-            &t.c,
-            config,
-            NUTSHELL_HANDLER,
-            &["sleep", "1000000"],
-        )
-        .await;
-        assert_mirrored(&pod, true);
+        let sleep = ["sleep", "1000000"];
+        let pod = start_pod(&mut cri, &t.c, config, NUTSHELL_HANDLER, &sleep).await;
+        check(&t, &mut cri, &pod).await;
+        cri.remove_pod(&pod.id, &pod.containers).await;
+        if pod.netns.is_some() {
+            assert_pod_netns_clean(&pod, false);
+        }
+    });
+    t.c.assert_left_nothing(&t.before, SETTLE);
+}
+
+#[test]
+fn a_killed_shim_leaves_no_tap_or_tc_filter_in_the_pods_netns() {
+    with_a_nutshell_pod("pod-killed", NamespaceMode::Pod, async |t, cri, pod| {
+        assert_mirrored(pod, true);
         let st = std::process::Command::new("kill")
             .args(["-9", &shim_pid(&pod.id).to_string()])
             .status()
@@ -305,42 +314,24 @@ fn a_killed_shim_leaves_no_tap_or_tc_filter_in_the_pods_netns() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         // CNI has not torn eth0 down yet: what is left is the runtime's.
-        assert_pod_netns_clean(&pod, true);
-        cri.remove_pod(&pod.id, &pod.containers).await;
-        assert_pod_netns_clean(&pod, false);
+        assert_pod_netns_clean(pod, true);
     });
-    t.c.assert_left_nothing(&t.before, SETTLE);
 }
 
 #[test]
 fn a_host_network_pod_gets_loopback_only_and_a_warning() {
-    let Some(t) = start_net_test(&test_nutshell_config("")) else {
-        return;
-    };
-    let logs = t.c.dir().join("pod-logs");
-    std::fs::create_dir_all(&logs).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut cri = Cri::connect(&t.c).await;
-        let config = pod_config("pod-host", &logs, NamespaceMode::Node);
-        let pod = start_pod(&mut cri, &t.c, config, NUTSHELL_HANDLER, &["sleep", "1000000"]).await;
+    with_a_nutshell_pod("pod-host", NamespaceMode::Node, async |t, cri, pod| {
         assert!(pod.netns.is_none(), "a host-network pod has no netns");
-        let nics = cri
-            .exec_ok(&pod.containers[0], "ls /sys/class/net")
-            .await;
+        let id = &pod.containers[0];
+        let nics = cri.exec_ok(id, "ls /sys/class/net").await;
         assert_eq!(nics.split_whitespace().collect::<Vec<_>>(), ["lo"]);
-        let up = cri
-            .exec_ok(&pod.containers[0], "cat /sys/class/net/lo/operstate; ping -c1 -W5 127.0.0.1 >/dev/null && echo reached")
-            .await;
-        assert!(up.ends_with("reached\n"), "loopback works: {up}");
+        let ping = "ping -c1 -W5 127.0.0.1 >/dev/null && echo reached";
+        assert_eq!(cri.exec_ok(id, ping).await, "reached\n", "loopback works");
         assert_eq!(t.netns.links().unwrap(), ["lo"], "no tap on the node");
-        let log = t.c.log_tail(usize::MAX);
         assert!(
-            log.contains(HOST_NETWORK_WARNING),
+            t.c.log_tail(usize::MAX).contains(HOST_NETWORK_WARNING),
             "the shim warns that it cannot share the host's network\n{}",
             t.c.log_tail(60)
         );
-        cri.remove_pod(&pod.id, &pod.containers).await;
     });
-    t.c.assert_left_nothing(&t.before, SETTLE);
 }

@@ -6,18 +6,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerStatsRequest, CreateContainerRequest,
-    ExecSyncRequest, ImageSpec, LinuxContainerResources, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    ContainerStatsRequest, ExecSyncRequest, LinuxContainerResources, Mount, NamespaceMode,
     UpdateContainerResourcesRequest,
 };
 use nutshell_tests::containerd::{
     guest_kernel_release, prerequisites, serial, test_nutshell_config, Containerd, Footprint,
-    BUSYBOX_IMAGE, CRI_NAMESPACE, NUTSHELL_HANDLER,
+    CRI_NAMESPACE, NUTSHELL_HANDLER,
 };
-use nutshell_tests::cri::cri_client;
+use nutshell_tests::cri::{pod_config, Cri};
 use nutshell_tests::require;
 
 /// The command lines of the QEMUs serving CRI pod `pod` of `c`.
@@ -64,92 +60,35 @@ fn a_cri_pod_with_two_containers_runs_in_one_vm() {
     std::fs::write(ro_dir.join("hello"), "hello-from-host\n").unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut cri = cri_client(c.socket.clone()).await;
+        let mut cri = Cri::connect(&c).await;
         let logs = c.dir().join("pod-logs");
         std::fs::create_dir_all(&logs).unwrap();
-        let pod_config = PodSandboxConfig {
-            metadata: Some(PodSandboxMetadata {
-                name: "nutshell-pod".into(),
-                uid: "0b5a7c9e-nutshell".into(),
-                namespace: "default".into(),
-                attempt: 0,
-            }),
-            hostname: "nutshell-pod".into(),
-            log_directory: logs.display().to_string(),
-            linux: Some(LinuxPodSandboxConfig {
-                security_context: Some(LinuxSandboxSecurityContext {
-                    namespace_options: Some(NamespaceOption {
-                        network: NamespaceMode::Node as i32,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            labels: HashMap::from([("app".to_string(), "nutshell-test".to_string())]),
-            // Pod sizing: passed on by CRI (pod_annotations = ["io.nutshell.*"]).
-            annotations: HashMap::from([(
-                "io.nutshell.vm.memory_mib".to_string(),
-                "320".to_string(),
-            )]),
-            ..Default::default()
-        };
-        let pod = cri
-            .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(pod_config.clone()),
-                runtime_handler: NUTSHELL_HANDLER.into(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.log_tail(80)))
-            .into_inner()
-            .pod_sandbox_id;
+        let mut pod_config = pod_config("nutshell-pod", &logs, NamespaceMode::Node);
+        pod_config.labels = HashMap::from([("app".to_string(), "nutshell-test".to_string())]);
+        // Pod sizing: passed on by CRI (pod_annotations = ["io.nutshell.*"]).
+        pod_config.annotations =
+            HashMap::from([("io.nutshell.vm.memory_mib".to_string(), "320".to_string())]);
+        let pod = cri.run_pod(&pod_config, NUTSHELL_HANDLER).await;
 
         let mut ids = Vec::new();
         for name in ["first", "second"] {
+            let script = format!("echo {name} started; while true; do sleep 1; done");
+            let mounts = vec![
+                Mount {
+                    container_path: "/data".into(),
+                    host_path: ro_dir.display().to_string(),
+                    readonly: true,
+                    ..Default::default()
+                },
+                Mount {
+                    container_path: "/scratch".into(),
+                    host_path: rw_dir.display().to_string(),
+                    ..Default::default()
+                },
+            ];
             let id = cri
-                .create_container(CreateContainerRequest {
-                    pod_sandbox_id: pod.clone(),
-                    config: Some(ContainerConfig {
-                        metadata: Some(ContainerMetadata {
-                            name: name.into(),
-                            attempt: 0,
-                        }),
-                        image: Some(ImageSpec {
-                            image: BUSYBOX_IMAGE.into(),
-                            ..Default::default()
-                        }),
-                        command: vec![
-                            "sh".into(),
-                            "-c".into(),
-                            format!("echo {name} started; while true; do sleep 1; done"),
-                        ],
-                        log_path: format!("{name}.log"),
-                        mounts: vec![
-                            Mount {
-                                container_path: "/data".into(),
-                                host_path: ro_dir.display().to_string(),
-                                readonly: true,
-                                ..Default::default()
-                            },
-                            Mount {
-                                container_path: "/scratch".into(),
-                                host_path: rw_dir.display().to_string(),
-                                ..Default::default()
-                            },
-                        ],
-                        ..Default::default()
-                    }),
-                    sandbox_config: Some(pod_config.clone()),
-                })
-                .await
-                .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", c.log_tail(80)))
-                .into_inner()
-                .container_id;
-            cri.start_container(StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("StartContainer {name}: {e}\n{}", c.log_tail(80)));
+                .start_container(&pod, &pod_config, name, &["sh", "-c", &script], mounts)
+                .await;
             ids.push(id);
         }
         let vms = vm_cmdlines(&c, &pod);
@@ -161,6 +100,7 @@ fn a_cri_pod_with_two_containers_runs_in_one_vm() {
         );
 
         let exec = cri
+            .client
             .exec_sync(ExecSyncRequest {
                 container_id: ids[1].clone(),
                 cmd: vec![
@@ -209,16 +149,17 @@ fn a_cri_pod_with_two_containers_runs_in_one_vm() {
         );
 
         // UpdateContainerResources reaches the guest's cgroup.
-        cri.update_container_resources(UpdateContainerResourcesRequest {
-            container_id: ids[0].clone(),
-            linux: Some(LinuxContainerResources {
-                memory_limit_in_bytes: 128 << 20,
+        cri.client
+            .update_container_resources(UpdateContainerResourcesRequest {
+                container_id: ids[0].clone(),
+                linux: Some(LinuxContainerResources {
+                    memory_limit_in_bytes: 128 << 20,
+                    ..Default::default()
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("UpdateContainerResources: {e}\n{}", c.log_tail(80)));
+            })
+            .await
+            .unwrap_or_else(|e| panic!("UpdateContainerResources: {e}\n{}", c.log_tail(80)));
         // The guest cgroup's memory.max, as the task's v2 metrics report it.
         let metrics = c
             .ctr_in(CRI_NAMESPACE, &["task", "metrics", &ids[0]])
@@ -236,6 +177,7 @@ fn a_cri_pod_with_two_containers_runs_in_one_vm() {
         );
 
         let stats = cri
+            .client
             .container_stats(ContainerStatsRequest {
                 container_id: ids[0].clone(),
             })
@@ -258,34 +200,13 @@ fn a_cri_pod_with_two_containers_runs_in_one_vm() {
         let log = std::fs::read_to_string(logs.join("first.log")).unwrap_or_default();
         assert!(log.contains("first started"), "{log:?}");
 
-        for id in &ids {
-            cri.stop_container(StopContainerRequest {
-                container_id: id.clone(),
-                timeout: 2,
-            })
-            .await
-            .unwrap_or_else(|e| panic!("StopContainer: {e}\n{}", c.log_tail(80)));
-            cri.remove_container(RemoveContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("RemoveContainer: {e}\n{}", c.log_tail(80)));
-        }
+        cri.remove_containers(&ids).await;
         assert_eq!(
             vm_cmdlines(&c, &pod).len(),
             1,
             "the VM outlives its containers"
         );
-        cri.stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", c.log_tail(80)));
-        cri.remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", c.log_tail(80)));
+        cri.remove_pod(&pod, &[]).await;
     });
     c.assert_left_nothing(&before, Duration::from_secs(30));
 }
