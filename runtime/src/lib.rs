@@ -8,5 +8,6 @@ pub mod agent;
 pub mod config;
 pub mod hypervisor;
 pub mod mounts;
+pub mod network;
 pub mod sandbox;
 pub mod shim;

@@ -64,12 +64,31 @@ pub enum VirtioDeviceConfig {
     },
     /// A network card (virtio-net) on a host tap interface.
     Net {
-        /// The tap's name; it is attached to if it exists (the runtime or
-        /// CNI made it), created otherwise (needs `CAP_NET_ADMIN`).
-        tap: String,
+        /// The tap.
+        tap: TapSource,
         /// The guest's MAC address; random and locally administered if unset.
         mac: Option<MacAddr>,
     },
+}
+
+/// Where a virtio-net device's tap comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TapSource {
+    /// A tap by name: attached to if it exists (the runtime or CNI made
+    /// it), created otherwise (needs `CAP_NET_ADMIN`).
+    Name(String),
+    /// An open tap fd the parent passed down (`fd=<n>` on the command
+    /// line): the runtime opens it in the pod's network namespace.
+    Fd(i32),
+}
+
+impl std::fmt::Display for TapSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Name(n) => f.write_str(n),
+            Self::Fd(fd) => write!(f, "fd={fd}"),
+        }
+    }
 }
 
 /// A whole VM.

@@ -19,6 +19,6 @@ pub mod timing;
 pub mod vmm;
 pub mod vstate;
 
-pub use config::{BootSource, SerialOutput, VirtioDeviceConfig, VmConfig};
+pub use config::{BootSource, SerialOutput, TapSource, VirtioDeviceConfig, VmConfig};
 pub use exit::ExitReason;
 pub use vmm::{run_vm, Vmm, VmmControl, VmmError};

@@ -11,7 +11,7 @@ use nutshell_vmm::arch::regs::EntryMode;
 use nutshell_vmm::boot::linux::LinuxBoot;
 use nutshell_vmm::exit::EXIT_SETUP_ERROR;
 use nutshell_vmm::probe::{probe_kvm, ProbeVerdict};
-use nutshell_vmm::{BootSource, SerialOutput, VirtioDeviceConfig, VmConfig, Vmm};
+use nutshell_vmm::{BootSource, SerialOutput, TapSource, VirtioDeviceConfig, VmConfig, Vmm};
 
 /// Boot a Linux microVM on KVM.
 #[derive(Parser, Debug)]
@@ -62,9 +62,11 @@ struct Args {
     /// A network card (virtio-net) on a host tap: `<tap>[,mac=<mac>]`. The
     /// tap is attached to if it exists (made by the runtime or a CNI
     /// plugin), created otherwise (needs CAP_NET_ADMIN); the VMM sets no
-    /// address and no link state. Without `mac=` the guest gets a random
-    /// locally administered address. Repeatable.
-    #[arg(long, value_name = "TAP[,mac=MAC]")]
+    /// address and no link state. `fd=<n>` instead takes a tap fd the
+    /// parent passed down (the runtime opens the pod's taps in the pod's
+    /// network namespace). Without `mac=` the guest gets a random locally
+    /// administered address. Repeatable.
+    #[arg(long, value_name = "TAP|fd=N[,mac=MAC]")]
     net: Vec<String>,
     /// Control API socket (state, pause, resume, shutdown).
     #[arg(long)]
@@ -274,22 +276,28 @@ fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
     Ok(config)
 }
 
-/// `<tap>[,mac=<mac>]`.
+/// `<tap>[,mac=<mac>]` or `fd=<n>[,mac=<mac>]`.
 fn parse_net(s: &str) -> anyhow::Result<VirtioDeviceConfig> {
     let mut parts = s.split(',');
-    let tap = parts.next().unwrap_or_default();
-    nutshell_vmm::devices::virtio::net::tap::check_name(tap)?;
+    let first = parts.next().unwrap_or_default();
+    let tap = match first.strip_prefix("fd=") {
+        Some(n) => match n.parse::<i32>() {
+            Ok(fd) if fd > 2 => TapSource::Fd(fd),
+            _ => bail!("--net fd= wants an inherited fd number above 2, got {n:?}"),
+        },
+        None => {
+            nutshell_vmm::devices::virtio::net::tap::check_name(first)?;
+            TapSource::Name(first.to_string())
+        }
+    };
     let mut mac = None;
     for p in parts {
         match p.split_once('=') {
             Some(("mac", m)) => mac = Some(m.parse()?),
-            _ => bail!("--net wants <tap>[,mac=<mac>], got {s:?}"),
+            _ => bail!("--net wants <tap>[,mac=<mac>] or fd=<n>[,mac=<mac>], got {s:?}"),
         }
     }
-    Ok(VirtioDeviceConfig::Net {
-        tap: tap.to_string(),
-        mac,
-    })
+    Ok(VirtioDeviceConfig::Net { tap, mac })
 }
 
 fn main() -> ExitCode {

@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::layout::{SERIAL_IRQ, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::arch::{cpuid, regs};
 use crate::boot::{self, linux, BootEntry};
-use crate::config::{BootSource, SerialOutput, VirtioDeviceConfig, VmConfig};
+use crate::config::{BootSource, SerialOutput, TapSource, VirtioDeviceConfig, VmConfig};
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{
@@ -26,6 +26,7 @@ use crate::devices::serial::{
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::fs::{Fs, FsError};
 use crate::devices::virtio::mmio::{self, MmioTransport};
+use crate::devices::virtio::net::tap::Tap;
 use crate::devices::virtio::net::{Net, TapError};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
@@ -448,8 +449,14 @@ fn create_device(config: &VirtioDeviceConfig) -> Result<Box<dyn VirtioDevice>, V
         ),
         VirtioDeviceConfig::Fs { tag, socket } => Box::new(Fs::new(tag, socket)?),
         VirtioDeviceConfig::Net { tap, mac } => {
-            let net = Net::open(tap, *mac)?;
-            tracing::info!(tap, mac = %net.mac(), "virtio-net on a tap");
+            let net = match tap {
+                TapSource::Name(name) => Net::open(name, *mac)?,
+                // SAFETY: the fd was named once on our command line by the
+                // parent that passed it; nothing else in this process owns
+                // it, and the config is built into devices once.
+                TapSource::Fd(fd) => Net::new(unsafe { Tap::inherited(*fd) }?, *mac)?,
+            };
+            tracing::info!(tap = %tap, mac = %net.mac(), "virtio-net on a tap");
             Box::new(net)
         }
     })

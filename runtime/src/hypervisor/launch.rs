@@ -39,6 +39,30 @@ impl VmFiles {
     }
 }
 
+/// Lets `cmd` inherit the VM's tap fds (see [`VmConfig::nics`]) under
+/// their own numbers, which the VMM's arguments name. They stay
+/// close-on-exec in this process, so no other child can inherit them.
+pub(crate) fn inherit_taps(cmd: &mut Command, config: &VmConfig) {
+    use std::os::fd::AsRawFd;
+    let fds: Vec<i32> = config.nics.iter().map(|n| n.tap.as_raw_fd()).collect();
+    if fds.is_empty() {
+        return;
+    }
+    // SAFETY: the closure runs in the forked child before exec; it only
+    // calls fcntl(2), which is async-signal-safe, on fds the parent keeps
+    // open across the spawn (VmConfig holds them), and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A VM being started: its files and the processes started so far.
 pub(crate) struct Launch {
     pub files: VmFiles,

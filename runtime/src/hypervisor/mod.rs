@@ -24,10 +24,14 @@ pub(crate) mod supervisor;
 mod virtiofsd;
 pub(crate) mod vm;
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+
+use crate::network::Mac;
 
 pub(crate) use console::format_tail;
 pub use console::sanitize_line;
@@ -100,6 +104,20 @@ pub struct VmConfig {
     /// Verbose guest kernel console, and the console log is kept after the
     /// VM ends (for debugging).
     pub debug_console: bool,
+    /// Network cards (virtio-net), each on a tap the runtime opened in the
+    /// pod's network namespace ([`crate::network::plumb`]); the VMM
+    /// inherits the fds.
+    pub nics: Vec<Nic>,
+}
+
+/// A virtio-net card of the VM.
+#[derive(Debug, Clone)]
+pub struct Nic {
+    /// The guest's MAC: the mirrored veth's.
+    pub mac: Mac,
+    /// The open tap. The VMM gets its own copy; the runtime's is closed
+    /// once the VM runs, so the tap lasts exactly as long as the VM.
+    pub tap: Arc<OwnedFd>,
 }
 
 impl VmConfig {
@@ -119,6 +137,7 @@ impl VmConfig {
             shared_dir: None,
             accel: Accel::Auto,
             debug_console: false,
+            nics: Vec::new(),
         }
     }
 

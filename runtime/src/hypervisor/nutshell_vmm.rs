@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use tokio::process::Command;
 
 use super::cmdline::kernel_cmdline;
-use super::launch::{Launch, VmFiles};
+use super::launch::{inherit_taps, Launch, VmFiles};
 use super::programs::find_program;
 use super::vm::{ProcessRole, RunningVm};
 use super::{Accel, Hypervisor, HypervisorError, VmConfig, GUEST_CID, SHARED_DIR_TAG};
@@ -92,6 +92,10 @@ fn vmm_args(config: &VmConfig, files: &VmFiles) -> Vec<OsString> {
         v.push(fs);
         a.extend(["--fs".into(), v]);
     }
+    for nic in &config.nics {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&*nic.tap);
+        a.extend(["--net".into(), format!("fd={fd},mac={}", nic.mac).into()]);
+    }
     a
 }
 
@@ -127,6 +131,7 @@ impl Hypervisor for VmmHypervisor {
 
         let mut vmm = Command::new(&self.binaries.vmm);
         vmm.args(vmm_args(config, &files));
+        inherit_taps(&mut vmm, config);
         let launch = launch.spawn(ProcessRole::Vmm, "nutshell-vmm", vmm).await?;
         tracing::info!(vm = %config.id, "nutshell-vmm VM started");
         Ok(launch.into_running())

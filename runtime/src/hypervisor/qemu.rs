@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use tokio::process::Command;
 
 use super::cmdline::kernel_cmdline;
-use super::launch::{Launch, VmFiles};
+use super::launch::{inherit_taps, Launch, VmFiles};
 use super::programs::find_program;
 use super::vm::{ProcessRole, RunningVm};
 use super::{Accel, Hypervisor, HypervisorError, VmConfig, GUEST_CID, SHARED_DIR_TAG};
@@ -166,6 +166,12 @@ pub(crate) fn qemu_args(config: &VmConfig, accel: Accel, files: &VmFiles) -> Vec
         a.push("-device".into());
         a.push(format!("vhost-user-fs-device,chardev=fs,tag={SHARED_DIR_TAG}").into());
     }
+    for (i, nic) in config.nics.iter().enumerate() {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&*nic.tap);
+        let netdev = format!("tap,id=net{i},fd={fd}");
+        let device = format!("virtio-net-device,netdev=net{i},mac={}", nic.mac);
+        push(&mut a, &["-netdev", &netdev, "-device", &device]);
+    }
     a
 }
 
@@ -225,6 +231,7 @@ impl Hypervisor for QemuHypervisor {
 
         let mut qemu = Command::new(&self.binaries.qemu);
         qemu.args(qemu_args(config, accel, &files));
+        inherit_taps(&mut qemu, config);
         let launch = launch
             .spawn(ProcessRole::Vmm, "qemu-system-x86_64", qemu)
             .await?;

@@ -11,7 +11,8 @@ use tokio::task::JoinHandle;
 use crate::agent::{AgentClient, DialOptions};
 use crate::config::Config;
 use crate::hypervisor::select::select_backend;
-use crate::hypervisor::{Accel, VmConfig};
+use crate::hypervisor::{Accel, Nic, VmConfig};
+use crate::network::{self, NetworkRecord, Plumbed, PodNetwork};
 use crate::sandbox::Sandbox;
 
 use super::events::Events;
@@ -34,6 +35,69 @@ pub struct PodSpec {
     pub size: VmSize,
     /// Containers of the pod share one pid namespace.
     pub shared_pid_ns: bool,
+    pub network: NetworkMode,
+}
+
+/// The network the pod's first container asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkMode {
+    /// No network namespace in the spec: the host's network (a
+    /// `hostNetwork` pod, `ctr run --net-host`). A VM cannot share it; the
+    /// pod gets the guest's own, with loopback only.
+    Host,
+    /// A new, empty namespace (`ctr run` without options): as with runc,
+    /// loopback only, made in the guest.
+    Private,
+    /// An existing namespace (CNI's, an engine's): mirrored into the VM.
+    Mirrored(PathBuf),
+}
+
+impl NetworkMode {
+    /// The mode of a container's spec.
+    pub fn of(spec: &oci_spec::runtime::Spec) -> Self {
+        let ns = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .and_then(|nss| {
+                nss.iter()
+                    .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+            });
+        match ns {
+            None => Self::Host,
+            Some(n) => match n.path() {
+                Some(p) => Self::Mirrored(p.clone()),
+                None => Self::Private,
+            },
+        }
+    }
+}
+
+/// Points a container at the pod's network in the guest: a network
+/// namespace given by path (CNI's for the pod's first container,
+/// `/proc/<pid>/ns/net` of the sandbox for the others) is the pod's, which
+/// is the guest's own, so the entry goes and the container stays in it.
+/// The agent never sees the host path. An entry without a path (a new,
+/// private namespace) stays.
+pub fn join_pod_network(spec: &mut oci_spec::runtime::Spec) {
+    let Some(linux) = spec.linux_mut() else {
+        return;
+    };
+    let Some(nss) = linux.namespaces_mut() else {
+        return;
+    };
+    nss.retain(|n| n.typ() != oci_spec::runtime::LinuxNamespaceType::Network || n.path().is_none());
+}
+
+/// The log line of a host-network pod; the README quotes it.
+pub const HOST_NETWORK_WARNING: &str = "the pod asks for the host's network, which a VM cannot share: its containers get an isolated network with loopback only";
+
+/// The pod's mirrored network: where it came from and what the guest was
+/// last told.
+#[derive(Debug)]
+struct Mirror {
+    record: NetworkRecord,
+    sent: PodNetwork,
 }
 
 /// A running pod.
@@ -45,6 +109,7 @@ pub struct Pod {
     dir: PathBuf,
     shared: PathBuf,
     oom_watch: JoinHandle<()>,
+    mirror: tokio::sync::Mutex<Option<Mirror>>,
 }
 
 impl Pod {
@@ -81,7 +146,32 @@ impl Pod {
             undo_dirs(&dir).await;
             return Err(e);
         }
-        match Self::boot(spec, config, &dir, &shared).await {
+        let plumbed = match plumb_network(spec, &dir).await {
+            Ok(p) => p,
+            Err(e) => {
+                undo_dirs(&dir).await;
+                return Err(e);
+            }
+        };
+        let (mirror, nics) = match plumbed {
+            Some((net, p)) => {
+                let nics = p
+                    .taps
+                    .into_iter()
+                    .map(|(mac, fd)| Nic {
+                        mac,
+                        tap: Arc::new(fd),
+                    })
+                    .collect();
+                let mirror = Mirror {
+                    record: p.record,
+                    sent: net,
+                };
+                (Some(mirror), nics)
+            }
+            None => (None, Vec::new()),
+        };
+        match Self::boot(spec, config, &dir, &shared, nics, mirror.as_ref()).await {
             Ok(sandbox) => {
                 let agent = sandbox.agent().clone();
                 let oom_watch = tokio::spawn(watch_oom(agent, events));
@@ -92,9 +182,13 @@ impl Pod {
                     dir,
                     shared,
                     oom_watch,
+                    mirror: tokio::sync::Mutex::new(mirror),
                 }))
             }
             Err(e) => {
+                if let Some(m) = &mirror {
+                    unplumb_logged(&m.record).await;
+                }
                 undo_dirs(&dir).await;
                 Err(e)
             }
@@ -106,6 +200,8 @@ impl Pod {
         config: &Config,
         dir: &Path,
         shared: &Path,
+        nics: Vec<Nic>,
+        mirror: Option<&Mirror>,
     ) -> Result<Sandbox, ShimError> {
         let hypervisor = select_backend(config.vm.backend).await.map_err(|e| {
             ShimError::FailedPrecondition(format!(
@@ -129,6 +225,7 @@ impl Pod {
         vm.shared_dir = Some(shared.to_path_buf());
         vm.accel = Accel::Auto;
         vm.debug_console = config.vm.debug_console;
+        vm.nics = nics;
         let dial = DialOptions {
             deadline: config.agent.dial_timeout,
             ..DialOptions::default()
@@ -141,6 +238,9 @@ impl Pod {
         let sandbox = Sandbox::start(hypervisor.as_ref(), &vm, &dial)
             .await
             .map_err(|e| ShimError::Vm(chain(&e)))?;
+        // The VMM holds its own copies of the taps now; closing ours ties
+        // each tap's life to the VM's.
+        drop(vm);
         let record = PodRecord {
             shim_pid: std::process::id(),
             processes: record_processes(
@@ -161,6 +261,17 @@ impl Pod {
         {
             let exit = sandbox.vm().kill().await;
             return Err(ShimError::Vm(format!("{} (VM killed: {exit})", chain(&e))));
+        }
+        if let Some(m) = mirror {
+            if let Err(e) = sandbox.agent().update_network(&m.sent.to_request()).await {
+                let exit = sandbox.vm().kill().await;
+                return Err(ShimError::Vm(format!(
+                    "the guest did not take the pod's network from {}: {} (VM killed: {exit})",
+                    m.record.netns.display(),
+                    chain(&e)
+                )));
+            }
+            tracing::info!(pod = %spec.key.pod, netns = %m.record.netns.display(), interfaces = m.sent.interfaces.len(), routes = m.sent.routes.len(), "pod network mirrored");
         }
         tracing::info!(pod = %spec.key.pod, elapsed_ms = started.elapsed().as_millis() as u64, "pod ready");
         Ok(sandbox)
@@ -189,12 +300,47 @@ impl Pod {
         self.sandbox.vm().vmm_pid().unwrap_or(0)
     }
 
-    /// Powers the guest off (or kills it), then unmounts and removes the
-    /// pod's directories.
+    /// Reads the pod's network namespace again and brings the guest up to
+    /// date: an engine may configure it between Create and Start. A new
+    /// interface is an error, since a running VM cannot get a NIC.
+    pub async fn sync_network(&self) -> Result<(), ShimError> {
+        let mut guard = self.mirror.lock().await;
+        let Some(m) = guard.as_mut() else {
+            return Ok(());
+        };
+        let now = network::scan(&m.record.netns)
+            .await
+            .map_err(|e| ShimError::FailedPrecondition(chain(&e)))?;
+        if now == m.sent {
+            return Ok(());
+        }
+        let mirrored = m.sent.macs();
+        if let Some(new) = now.interfaces.iter().find(|i| !mirrored.contains(&i.mac)) {
+            return Err(ShimError::FailedPrecondition(format!(
+                "interface {} ({}) appeared in the pod's network namespace {} after its VM started, and nutshell cannot add a NIC to a running VM; configure the namespace before the pod's first container is created",
+                new.name,
+                new.mac,
+                m.record.netns.display()
+            )));
+        }
+        self.agent()
+            .update_network(&now.to_request())
+            .await
+            .map_err(|e| ShimError::agent("UpdateNetwork", e))?;
+        tracing::info!(pod = %self.id, "pod network updated after a change in its namespace");
+        m.sent = now;
+        Ok(())
+    }
+
+    /// Powers the guest off (or kills it), then takes the pod's network
+    /// plumbing away and unmounts and removes the pod's directories.
     pub async fn shutdown(&self) {
         let exit = self.sandbox.shutdown(POWEROFF_GRACE).await;
         self.oom_watch.abort();
         tracing::info!(pod = %self.id, %exit, "pod's VM ended");
+        if let Some(m) = self.mirror.lock().await.as_ref() {
+            unplumb_logged(&m.record).await;
+        }
         undo_dirs(&self.dir).await;
     }
 }
@@ -216,6 +362,36 @@ fn check_assets(config: &Config) -> Result<(), ShimError> {
         }
     }
     Ok(())
+}
+
+/// Reads and plumbs the pod's network namespace, when it has one to
+/// mirror. A host-network pod is logged as the README says.
+async fn plumb_network(
+    spec: &PodSpec,
+    dir: &Path,
+) -> Result<Option<(PodNetwork, Plumbed)>, ShimError> {
+    let netns = match &spec.network {
+        NetworkMode::Mirrored(p) => p,
+        NetworkMode::Host => {
+            tracing::warn!(pod = %spec.key.pod, "{HOST_NETWORK_WARNING}");
+            return Ok(None);
+        }
+        NetworkMode::Private => return Ok(None),
+    };
+    let net = network::scan(netns)
+        .await
+        .map_err(|e| ShimError::FailedPrecondition(chain(&e)))?;
+    let plumbed = network::plumb(netns, &net, dir)
+        .await
+        .map_err(|e| ShimError::Internal(chain(&e)))?;
+    Ok(Some((net, plumbed)))
+}
+
+/// Unplumbs, logging what fails: clean-up goes on regardless.
+pub(super) async fn unplumb_logged(record: &NetworkRecord) {
+    if let Err(e) = network::unplumb(record).await {
+        tracing::warn!(netns = %record.netns.display(), error = %chain(&e), "cannot take the pod's network plumbing away");
+    }
 }
 
 async fn undo_dirs(dir: &Path) {

@@ -19,6 +19,7 @@ use super::process::timestamp;
 use super::state::{check_id, cleanup_container, cleanup_pod, PodKey};
 use super::task::TaskService;
 use super::SANDBOX_ID_ANNOTATION;
+use crate::network::NetworkRecord;
 
 /// Exit status `delete` reports for a task whose shim died: it was killed.
 const KILLED_EXIT_STATUS: u32 = 128 + 9;
@@ -96,6 +97,16 @@ impl Shim for NutshellShim {
         let key = PodKey::new(&self.address, &self.namespace, &pod);
         let id = self.id.clone();
         tracing::info!(%id, %pod, namespace = %key.namespace, dir = %key.dir().display(), "cleaning up after the shim");
+        // Read before the pod's directory goes; used once the VM's processes
+        // (and so its taps) are gone.
+        let network = if key.pod == id {
+            NetworkRecord::load(&key.dir()).unwrap_or_else(|e| {
+                tracing::warn!(error = %super::pod::chain(&e), "the pod's network plumbing cannot be taken away");
+                None
+            })
+        } else {
+            None
+        };
         let r = tokio::task::spawn_blocking(move || {
             if key.pod == id {
                 cleanup_pod(&key)
@@ -105,6 +116,9 @@ impl Shim for NutshellShim {
         })
         .await
         .map_err(|e| Error::Other(e.to_string()))?;
+        if let Some(record) = &network {
+            super::pod::unplumb_logged(record).await;
+        }
         if let Err(e) = r {
             return Err(Error::Other(super::pod::chain(&e)));
         }

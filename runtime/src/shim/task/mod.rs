@@ -43,7 +43,7 @@ use nutshell_protocol::agent::{CreateContainerRequest, ExecProcessRequest as Age
 use oci_spec::runtime::Spec;
 
 use super::events::Events;
-use super::pod::{chain, PodSpec};
+use super::pod::{chain, join_pod_network, NetworkMode, PodSpec};
 use super::process::{timestamp, Container, Process, VM_GONE_EXIT_STATUS};
 use super::state::{check_id, PodKey};
 use super::stdio::StdioConfig;
@@ -238,6 +238,7 @@ impl Inner {
             hostname: spec.hostname().clone().unwrap_or_default(),
             size,
             shared_pid_ns: false,
+            network: NetworkMode::of(spec),
         };
         let pod = self
             .launcher
@@ -343,6 +344,7 @@ impl Inner {
     ) -> Result<CreateTaskResponse, ShimError> {
         let cid = req.id.clone();
         pod.attach_filesystems(req, bundle, spec).await?;
+        join_pod_network(spec);
         let spec_json =
             serde_json::to_vec(&spec).map_err(|e| ShimError::Internal(e.to_string()))?;
         let created = pod
@@ -398,7 +400,7 @@ impl Inner {
     }
 
     async fn start(self: &Arc<Self>, req: StartRequest) -> Result<StartResponse, ShimError> {
-        let (_c, p) = self.process(&req.id, &req.exec_id)?;
+        let (c, p) = self.process(&req.id, &req.exec_id)?;
         let claim = p.claim_start().ok_or_else(|| {
             ShimError::FailedPrecondition(format!(
                 "process {} of container {} was already started",
@@ -408,6 +410,9 @@ impl Inner {
         })?;
         let pod = self.current_pod().await?;
         let pid = if req.exec_id.is_empty() {
+            if c.owns_pod {
+                pod.sync_network().await?;
+            }
             pod.start_container(&req.id)
                 .await
                 .map_err(|e| ShimError::agent("StartContainer", e))?;

@@ -52,6 +52,9 @@ pub trait PodApi: Send + Sync + std::fmt::Debug {
         &self,
         req: &CreateContainerRequest,
     ) -> Result<CreateContainerResponse, AgentError>;
+    /// Brings the guest's network up to date with the pod's namespace
+    /// (before the pod's first container starts).
+    async fn sync_network(&self) -> Result<(), ShimError>;
     async fn start_container(&self, cid: &str) -> Result<(), AgentError>;
     async fn exec_process(
         &self,
@@ -174,6 +177,10 @@ impl PodApi for Pod {
         req: &CreateContainerRequest,
     ) -> Result<CreateContainerResponse, AgentError> {
         self.agent().create_container(req).await
+    }
+
+    async fn sync_network(&self) -> Result<(), ShimError> {
+        Pod::sync_network(self).await
     }
 
     async fn start_container(&self, cid: &str) -> Result<(), AgentError> {

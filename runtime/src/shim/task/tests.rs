@@ -149,6 +149,13 @@ impl PodApi for FakePod {
         })
     }
 
+    async fn sync_network(&self) -> Result<(), ShimError> {
+        self.ctl
+            .hit("UpdateNetwork", &self.key.pod)
+            .await
+            .map_err(|e| ShimError::agent("UpdateNetwork", e))
+    }
+
     async fn start_container(&self, cid: &str) -> Result<(), AgentError> {
         self.ctl.hit("StartContainer", cid).await
     }
@@ -518,6 +525,25 @@ async fn a_failed_start_can_be_retried() {
     assert_eq!(h.status("c1").unwrap(), Status::CREATED);
     h.start("c1").await.expect("the retry");
     assert_eq!(h.status("c1").unwrap(), Status::RUNNING);
+}
+
+#[tokio::test]
+async fn the_pods_network_is_synced_before_its_first_container_starts() {
+    let h = Harness::new();
+    h.create("c1").await.expect("create");
+    lock(&h.ctl.fail_once).insert("UpdateNetwork", ttrpc::Code::INVALID_ARGUMENT);
+    assert_eq!(code(h.start("c1").await), ttrpc::Code::INVALID_ARGUMENT);
+    assert_eq!(
+        h.ctl.count("StartContainer"),
+        0,
+        "no start on a stale network"
+    );
+    assert_eq!(h.status("c1").unwrap(), Status::CREATED);
+    h.start("c1").await.expect("the retry");
+    let calls = lock(&h.ctl.calls).clone();
+    let sync = calls.iter().rposition(|c| c.starts_with("UpdateNetwork"));
+    let start = calls.iter().position(|c| c.starts_with("StartContainer"));
+    assert!(sync < start, "{calls:?}");
 }
 
 #[tokio::test]

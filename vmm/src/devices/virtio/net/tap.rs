@@ -15,7 +15,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use vm_memory::VolatileSlice;
@@ -24,6 +24,8 @@ use vm_memory::VolatileSlice;
 pub const MAX_NAME_LEN: usize = 15;
 /// `_IOW('T', 202, int)`.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// `_IOR('T', 210, unsigned int)`.
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 /// More slices than this in one frame is a malformed chain (`UIO_MAXIOV`).
 pub const MAX_SEGMENTS: usize = 1024;
 
@@ -157,6 +159,54 @@ impl Tap {
             file: File::from(fd),
             name: name.to_string(),
         })
+    }
+
+    /// Takes a tap fd our parent opened and passed down (the runtime
+    /// makes the pod's taps inside the pod's network namespace, where the
+    /// VMM does not run). `TUNGETIFF` proves it is a tap and names it.
+    ///
+    /// # Safety
+    /// `fd` must be open, owned by nobody else in this process, and not
+    /// used through its number afterwards.
+    pub unsafe fn inherited(fd: RawFd) -> Result<Self, TapError> {
+        let what = format!("fd {fd}");
+        // SAFETY: the caller hands over an open fd that nothing else owns.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNGETIFF writes one `struct ifreq` into `req`, which is
+        // valid, exclusively borrowed and correctly sized.
+        let rc = unsafe { libc::ioctl(owned.as_raw_fd(), TUNGETIFF, &mut req as *mut IfReq) };
+        if rc < 0 {
+            return Err(TapError::Attach {
+                name: what,
+                hint: "it is not an open tap (TUNGETIFF failed)",
+                source: io::Error::last_os_error(),
+            });
+        }
+        if req.flags & (libc::IFF_TAP as libc::c_short) == 0 {
+            return Err(TapError::Attach {
+                name: what,
+                hint: "it is a tun, not a tap",
+                source: io::Error::from(io::ErrorKind::InvalidInput),
+            });
+        }
+        let len = req
+            .name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(req.name.len());
+        let name = String::from_utf8_lossy(&req.name[..len]).into_owned();
+        Self::from_fd(owned, &name)
+    }
+
+    /// The fd, for a VMM process this one starts (the runtime opens taps
+    /// in a pod's network namespace and hands them down).
+    pub fn into_fd(self) -> OwnedFd {
+        OwnedFd::from(self.file)
     }
 
     /// The interface name.

@@ -1,0 +1,292 @@
+//! The runtime's pod-network plumbing against real netlink, without a VM:
+//! a "node" and a "pod" network namespace made by the test, a veth between
+//! them as CNI's bridge plugin leaves it, then `scan`, `plumb` and
+//! `unplumb`. Frames cross the tap both ways: the node's ARP request comes
+//! out of the tap fd, and the reply written into it reaches the node.
+//! Nothing touches the machine's own network.
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nutshell_runtime::network::{plumb, scan, unplumb, Mac, NetworkError, NetworkRecord};
+use nutshell_tests::{is_root, require, run_ok, which};
+
+/// A network namespace the test made; deleted on drop.
+struct Ns(String);
+
+impl Ns {
+    fn new(tag: &str) -> Self {
+        let name = format!("nutshell-np-{tag}-{}", std::process::id());
+        // A namespace left by a killed run of this test.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        run_ok(Command::new("ip").args(["netns", "add", &name])).expect("ip netns add");
+        run_ok(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"])).expect("lo up");
+        Self(name)
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.0)
+    }
+
+    /// `ip -n <ns> <args>`, which must succeed.
+    fn ip(&self, args: &str) -> String {
+        let mut c = Command::new("ip");
+        c.args(["-n", &self.0]).args(args.split_whitespace());
+        run_ok(&mut c).unwrap_or_else(|e| panic!("ip -n {} {args}: {e}", self.0))
+    }
+
+    /// `tc <args>` inside the namespace.
+    fn tc(&self, args: &str) -> String {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0, "tc"])
+            .args(args.split_whitespace());
+        run_ok(&mut c).unwrap_or_else(|e| panic!("tc {args}: {e}"))
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+const POD_MAC: &str = "0a:58:0a:d5:09:02";
+
+/// A node and a pod namespace joined by a veth, the pod end `eth0` with an
+/// address, a default route and a permanent neighbour.
+fn node_and_pod(tag: &str) -> Option<(Ns, Ns)> {
+    if !require(is_root(), "needs root")
+        || !require(which("ip").is_some(), "needs ip (iproute2)")
+        || !require(which("tc").is_some(), "needs tc (iproute2)")
+    {
+        return None;
+    }
+    let node = Ns::new(&format!("{tag}n"));
+    let pod = Ns::new(&format!("{tag}p"));
+    node.ip(&format!(
+        "link add veth-node type veth peer name eth0 netns {}",
+        pod.0
+    ));
+    node.ip("addr add 10.213.9.1/24 dev veth-node");
+    node.ip("link set veth-node up");
+    pod.ip(&format!("link set eth0 address {POD_MAC} mtu 1400"));
+    pod.ip("addr add 10.213.9.2/24 dev eth0");
+    pod.ip("addr add fd00:213::2/64 dev eth0 nodad");
+    pod.ip("link set eth0 up");
+    pod.ip("route add default via 10.213.9.1 dev eth0");
+    pod.ip("neigh add 10.213.9.77 lladdr 02:00:00:00:00:77 dev eth0 nud permanent");
+    Some((node, pod))
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn a_pods_veth_is_read_as_the_guest_must_copy_it() {
+    let Some((_node, pod)) = node_and_pod("scan") else {
+        return;
+    };
+    let net = rt().block_on(scan(&pod.path())).expect("scan");
+    assert_eq!(net.interfaces.len(), 1, "{net:?}");
+    let eth0 = &net.interfaces[0];
+    assert_eq!(eth0.name, "eth0");
+    assert_eq!(eth0.mac.to_string(), POD_MAC);
+    assert_eq!(eth0.mtu, 1400);
+    assert!(eth0.up);
+    let mut addrs: Vec<String> = eth0
+        .addresses
+        .iter()
+        .map(|(a, p)| format!("{a}/{p}"))
+        .collect();
+    addrs.sort();
+    assert_eq!(addrs, ["10.213.9.2/24", "fd00:213::2/64"], "no link-local");
+    let default = net
+        .routes
+        .iter()
+        .find(|r| r.prefix_len == 0 && r.destination.is_ipv4())
+        .expect("the default route");
+    assert_eq!(default.gateway, Some("10.213.9.1".parse().unwrap()));
+    assert_eq!(default.device, "eth0");
+    assert!(
+        net.routes.iter().all(|r| r.gateway.is_some()),
+        "the kernel's subnet routes are the guest kernel's business: {:?}",
+        net.routes
+    );
+    assert_eq!(net.neighbors.len(), 1, "{:?}", net.neighbors);
+    assert_eq!(net.neighbors[0].ip.to_string(), "10.213.9.77");
+    let req = net.to_request();
+    assert_eq!(req.interfaces[0].mac, POD_MAC);
+}
+
+#[test]
+fn an_interface_that_cannot_be_mirrored_is_named() {
+    let Some((_node, pod)) = node_and_pod("kind") else {
+        return;
+    };
+    pod.ip("link add extra0 type bridge");
+    pod.ip("link set extra0 up");
+    let e = rt().block_on(scan(&pod.path())).unwrap_err();
+    assert!(matches!(e, NetworkError::Unsupported { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("extra0") && msg.contains("bridge"), "{msg}");
+    // Down and without an address it carries nothing: skipped.
+    pod.ip("link set extra0 down");
+    let net = rt().block_on(scan(&pod.path())).expect("scan");
+    assert_eq!(net.interfaces.len(), 1);
+}
+
+#[test]
+fn a_vanished_namespace_is_an_error_that_names_it() {
+    let path = PathBuf::from("/run/netns/nutshell-np-never-there");
+    let e = rt().block_on(scan(&path)).unwrap_err();
+    assert!(matches!(e, NetworkError::Netns { .. }), "{e}");
+    assert!(e.to_string().contains("nutshell-np-never-there"), "{e}");
+    // Nothing to take away from a namespace CNI already deleted.
+    let record = NetworkRecord {
+        netns: path,
+        links: Vec::new(),
+    };
+    rt().block_on(unplumb(&record))
+        .expect("a gone namespace is clean");
+}
+
+/// Reads frames from the nonblocking tap until `want` matches one.
+fn read_frame(tap: &OwnedFd, want: impl Fn(&[u8]) -> bool, limit: Duration) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + limit;
+    let mut buf = vec![0u8; 2048];
+    while Instant::now() < deadline {
+        match nix::unistd::read(tap, &mut buf) {
+            Ok(n) if want(&buf[..n]) => return Some(buf[..n].to_vec()),
+            Ok(_) => {}
+            Err(nix::errno::Errno::EAGAIN) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("reading the tap: {e}"),
+        }
+    }
+    None
+}
+
+fn is_arp_request_for(frame: &[u8], ip: [u8; 4]) -> bool {
+    frame.len() >= 42
+        && frame[12..14] == [0x08, 0x06]
+        && frame[20..22] == [0, 1]
+        && frame[38..42] == ip
+}
+
+/// The ARP reply `ip` is-at `mac` to the asker of `request`.
+fn arp_reply(request: &[u8], mac: Mac, ip: [u8; 4]) -> Vec<u8> {
+    let asker_mac = &request[22..28];
+    let asker_ip = &request[28..32];
+    let mut f = Vec::with_capacity(42);
+    f.extend_from_slice(asker_mac);
+    f.extend_from_slice(&mac.0);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 2]);
+    f.extend_from_slice(&mac.0);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(asker_mac);
+    f.extend_from_slice(asker_ip);
+    f
+}
+
+#[test]
+fn plumbing_joins_veth_and_tap_both_ways_and_unplumbing_leaves_nothing() {
+    let Some((node, pod)) = node_and_pod("plumb") else {
+        return;
+    };
+    let state = tempfile::tempdir().expect("tempdir");
+    let rt = rt();
+    let net = rt.block_on(scan(&pod.path())).expect("scan");
+    let plumbed = rt
+        .block_on(plumb(&pod.path(), &net, state.path()))
+        .expect("plumb");
+    assert_eq!(
+        NetworkRecord::load(state.path()).unwrap().as_ref(),
+        Some(&plumbed.record),
+        "the record is on disk for `shim delete`"
+    );
+    assert_eq!(plumbed.taps.len(), 1);
+    let (mac, tap) = &plumbed.taps[0];
+    assert_eq!(mac.to_string(), POD_MAC);
+    let tap_name = &plumbed.record.links[0].tap;
+    let link = pod.ip(&format!("-o link show {tap_name}"));
+    assert!(link.contains("mtu 1400") && link.contains("UP"), "{link}");
+    for dev in ["eth0", tap_name.as_str()] {
+        let q = pod.tc(&format!("qdisc show dev {dev} ingress"));
+        assert!(q.contains("ingress"), "{dev}: {q}");
+        let f = pod.tc(&format!("filter show dev {dev} ingress"));
+        assert!(
+            f.contains("protocol all") && f.contains("mirred") && f.contains("Redirect"),
+            "{dev}: {f}"
+        );
+    }
+    // A scan after plumbing still sees the pod's interface only.
+    assert_eq!(rt.block_on(scan(&pod.path())).expect("rescan"), net);
+
+    // veth → tap: the node's ARP request for the pod comes out of the tap.
+    let mut ping = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node.0,
+            nutshell_tests::BUSYBOX,
+            "ping",
+            "-c",
+            "3",
+            "10.213.9.2",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("ping");
+    let pod_ip = [10, 213, 9, 2];
+    let request = read_frame(
+        tap,
+        |f| is_arp_request_for(f, pod_ip),
+        Duration::from_secs(5),
+    )
+    .expect("the node's ARP request reaches the tap");
+    // tap → veth: the reply written into the tap teaches the node the MAC.
+    let reply = arp_reply(&request, *mac, pod_ip);
+    let n = nix::unistd::write(tap, &reply).expect("write the reply");
+    assert_eq!(n, reply.len());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let neigh = node.ip("neigh show 10.213.9.2");
+        if neigh.contains(POD_MAC) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node never learnt the pod's MAC: {neigh}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = ping.kill();
+    let _ = ping.wait();
+
+    // The VM's end goes: the tap goes with its last fd.
+    drop(plumbed.taps);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pod.ip("-o link").contains(tap_name.as_str()) {
+        assert!(Instant::now() < deadline, "the tap outlived its fd");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // What outlives the VM is the veth's qdisc; unplumbing takes it away,
+    // twice without harm.
+    rt.block_on(unplumb(&plumbed.record)).expect("unplumb");
+    rt.block_on(unplumb(&plumbed.record))
+        .expect("unplumb again");
+    let q = pod.tc("qdisc show dev eth0 ingress");
+    assert!(!q.contains("ingress"), "{q}");
+    assert_eq!(pod.tc("filter show dev eth0 ingress").trim(), "");
+    // The pod's own configuration is untouched.
+    assert!(pod.ip("addr show eth0").contains("10.213.9.2/24"));
+}
