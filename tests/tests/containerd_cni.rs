@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1::{DnsConfig, Mount, NamespaceMode, PodSandboxConfig, PortMapping, Protocol};
 use nutshell_tests::containerd::{test_nutshell_config, Containerd, Footprint, NUTSHELL_HANDLER};
+use nutshell_runtime::shim::pod::HOST_NETWORK_WARNING;
 use nutshell_tests::cri::{pod_config, Cri};
 use nutshell_tests::netns::{
     http_get, serve_http, start_net_test, NetTest, TestNetns, BRIDGE, NODE_IP,
@@ -31,8 +32,6 @@ const POD_PAGE: &str = "served-by-pod-b";
 const NODE_PAGE: &str = "served-by-the-node";
 /// Pod B's host port (portmap DNATs it to B's port 80).
 const HOST_PORT: u16 = 18080;
-/// The line a host-network nutshell pod logs.
-const HOST_NETWORK_WARNING: &str = "cannot share";
 
 /// A running pod, its containers, and a hold on its network namespace
 /// (which outlives the pod, so the test can look inside after teardown).
