@@ -15,8 +15,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1::{DnsConfig, Mount, NamespaceMode, PodSandboxConfig, PortMapping, Protocol};
-use nutshell_tests::containerd::{test_nutshell_config, Containerd, Footprint, NUTSHELL_HANDLER};
 use nutshell_runtime::shim::pod::HOST_NETWORK_WARNING;
+use nutshell_tests::containerd::{test_nutshell_config, Containerd, Footprint, NUTSHELL_HANDLER};
 use nutshell_tests::cri::{pod_config, Cri};
 use nutshell_tests::netns::{
     http_get, serve_http, start_net_test, NetTest, TestNetns, BRIDGE, NODE_IP,
@@ -30,6 +30,9 @@ const RUNC_HANDLER: &str = "runc";
 const POD_PAGE: &str = "served-by-pod-b";
 /// What the node's server answers.
 const NODE_PAGE: &str = "served-by-the-node";
+/// A second address of the node, off the pods' subnet: a pod reaches it
+/// only through its default route.
+const NODE_ROUTED_IP: &str = "10.214.0.1";
 /// Pod B's host port (portmap DNATs it to B's port 80).
 const HOST_PORT: u16 = 18080;
 
@@ -131,8 +134,9 @@ fn assert_mirrored(pod: &Pod, nutshell: bool) {
 }
 
 /// Two pods on the bridge under `handler`: their IPs, DNS, hostname and
-/// hosts file, pod to pod, node to pod, pod to node, a host port, and a
-/// clean teardown.
+/// hosts file, pod to pod, node to pod, pod to node (on the bridge, and
+/// off the subnet through the default route), a host port, and a clean
+/// teardown.
 fn two_pods_on_the_bridge(handler: &str) {
     let Some(t) = start_net_test(&test_nutshell_config("")) else {
         return;
@@ -146,7 +150,13 @@ fn two_pods_on_the_bridge(handler: &str) {
         .unwrap()
         .expect("a listener in the node's namespace");
     let node_port = node_listener.local_addr().unwrap().port();
-    let node_server = serve_http(node_listener, NODE_PAGE.into(), 1);
+    let node_server = serve_http(node_listener, NODE_PAGE.into(), 2);
+    t.netns
+        .output(
+            "ip",
+            &["addr", "add", &format!("{NODE_ROUTED_IP}/32"), "dev", "lo"],
+        )
+        .expect("a second node address");
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -205,11 +215,13 @@ fn two_pods_on_the_bridge(handler: &str) {
         // Pod A reaches pod B, and the node.
         let from_b = cri.exec_ok(&a.containers[0], &get_script(&b.ip, 80)).await;
         assert_eq!(from_b.trim(), POD_PAGE);
-        let from_node = cri
-            .exec_ok(&a.containers[0], &get_script(NODE_IP, node_port))
-            .await;
-        assert_eq!(from_node.trim(), NODE_PAGE);
-        assert_eq!(node_server.join().unwrap(), 1);
+        for node_ip in [NODE_IP, NODE_ROUTED_IP] {
+            let from_node = cri
+                .exec_ok(&a.containers[0], &get_script(node_ip, node_port))
+                .await;
+            assert_eq!(from_node.trim(), NODE_PAGE, "from {node_ip}");
+        }
+        assert_eq!(node_server.join().unwrap(), 2);
 
         for pod in [&a, &b] {
             cri.remove_pod(&pod.id, &pod.containers).await;
