@@ -17,6 +17,7 @@ use k8s_cri::v1::{
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::containerd::{Containerd, BUSYBOX_IMAGE};
+use crate::netns::spec_netns;
 
 /// A CRI runtime service client.
 pub type CriClient = RuntimeServiceClient<Channel>;
@@ -155,13 +156,7 @@ impl<'a> Cri<'a> {
     /// host's network.
     pub async fn pod_netns(&mut self, pod: &str) -> Option<PathBuf> {
         let (_, info) = self.pod_status(pod).await;
-        info["runtimeSpec"]["linux"]["namespaces"]
-            .as_array()?
-            .iter()
-            .find(|n| n["type"] == "network")?["path"]
-            .as_str()
-            .filter(|p| !p.is_empty())
-            .map(PathBuf::from)
+        spec_netns(&info["runtimeSpec"])
     }
 
     /// Creates and starts container `name` of the busybox image running

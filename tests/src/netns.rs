@@ -296,40 +296,55 @@ impl NetTest {
 impl Drop for NetTest {
     /// A test that failed midway left its pods to containerd's clean-up,
     /// which knows nothing of CRI: the pods' namespaces that CRI made
-    /// (`/run/netns/cni-*`) are deleted here. Their veths and portmap rules
-    /// go with them and with the node's namespace.
+    /// (`/run/netns/cni-*`, named in their containers' specs) are deleted
+    /// here. Their veths and portmap rules go with them and with the
+    /// node's namespace.
     fn drop(&mut self) {
-        let bundles = self
+        let ids = self
             .c
-            .dir()
-            .join("state/io.containerd.runtime.v2.task")
-            .join(CRI_NAMESPACE);
-        let Ok(rd) = std::fs::read_dir(bundles) else {
-            return;
-        };
-        let mut names: Vec<String> = rd
-            .flatten()
-            .filter_map(|e| std::fs::read(e.path().join("config.json")).ok())
-            .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .filter_map(|spec| {
-                let path = spec["linux"]["namespaces"]
-                    .as_array()?
-                    .iter()
-                    .find(|n| n["type"] == "network")?["path"]
-                    .as_str()?
-                    .to_string();
-                let name = path
-                    .strip_prefix("/var/run/netns/")
-                    .or_else(|| path.strip_prefix("/run/netns/"))?;
-                name.starts_with("cni-").then(|| name.to_string())
+            .ctr_in(CRI_NAMESPACE, &["containers", "list", "-q"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let mut paths: Vec<PathBuf> = ids
+            .split_whitespace()
+            .filter_map(|id| {
+                let info = self
+                    .c
+                    .ctr_in(CRI_NAMESPACE, &["containers", "info", id])
+                    .output()
+                    .ok()?;
+                let info: serde_json::Value = serde_json::from_slice(&info.stdout).ok()?;
+                spec_netns(&info["Spec"])
+            })
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("cni-"))
+                    && p.exists()
             })
             .collect();
-        names.sort();
-        names.dedup();
-        for name in names {
-            let _ = Command::new("ip").args(["netns", "delete", &name]).status();
+        paths.sort();
+        paths.dedup();
+        for p in paths {
+            if let Some(name) = p.file_name() {
+                let _ = Command::new("ip")
+                    .args(["netns", "delete"])
+                    .arg(name)
+                    .status();
+            }
         }
     }
+}
+
+/// The network namespace path an OCI runtime spec (as JSON) names, if any.
+pub fn spec_netns(spec: &serde_json::Value) -> Option<PathBuf> {
+    spec["linux"]["namespaces"]
+        .as_array()?
+        .iter()
+        .find(|n| n["type"] == "network")?["path"]
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
 }
 
 #[cfg(test)]
