@@ -10,8 +10,7 @@ use nutshell_protocol::agent::{
     ListProcessesRequest, ListProcessesResponse, OomEvent, ReadOutputRequest, ReadOutputResponse,
     RemoveContainerRequest, ResizeTerminalRequest, SetTimeRequest, SignalProcessRequest,
     StartContainerRequest, StatsContainerResponse, UpdateContainerRequest, UpdateNetworkRequest,
-    WaitProcessRequest,
-    WaitProcessResponse, WriteStdinRequest, WriteStdinResponse,
+    WaitProcessRequest, WaitProcessResponse, WriteStdinRequest, WriteStdinResponse,
 };
 
 use super::{AgentClient, AgentError};
