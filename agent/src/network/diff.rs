@@ -94,6 +94,19 @@ pub fn link_steps(link: &Link, itf: &Interface) -> LinkSteps {
     }
 }
 
+/// Whether renaming the links one by one would collide: one's new name is
+/// still another's (a swap, or eth1 → eth0 while eth0 → net1). The names
+/// of a plan are unique, so the holder is itself to be renamed: the
+/// renamed links first get temporary names.
+pub fn renames_collide(found: &[Link], plan: &[Interface]) -> bool {
+    found.iter().zip(plan).any(|(link, itf)| {
+        link.name != itf.name
+            && found
+                .iter()
+                .any(|other| other.index != link.index && other.name == itf.name)
+    })
+}
+
 /// A link's addresses made exactly `wanted`, except the IPv6 link-local
 /// ones the kernel adds, which stay.
 pub fn addresses(current: &[Cidr], wanted: &[Cidr]) -> Changes<Cidr> {
@@ -302,6 +315,19 @@ mod tests {
             link_steps(&up, &itf("nic0", 5, None, false)).set_up,
             Some(false)
         );
+    }
+
+    #[test]
+    fn only_renames_onto_each_others_names_collide() {
+        let found = [link(2, "eth0", 5, true), link(3, "eth1", 6, true)];
+        let swap = [itf("eth1", 5, None, true), itf("eth0", 6, None, true)];
+        assert!(renames_collide(&found, &swap));
+        let shift = [itf("net1", 5, None, true), itf("eth0", 6, None, true)];
+        assert!(renames_collide(&found, &shift));
+        let fresh = [itf("net1", 5, None, true), itf("net2", 6, None, true)];
+        assert!(!renames_collide(&found, &fresh));
+        let same = [itf("eth0", 5, None, true), itf("eth1", 6, None, true)];
+        assert!(!renames_collide(&found, &same));
     }
 
     #[test]

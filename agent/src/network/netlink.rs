@@ -80,12 +80,27 @@ impl Netlink {
     async fn apply(&self, plan: &Plan) -> Result<()> {
         let links = self.links().await?;
         // Every NIC is found before anything changes.
-        let found = plan
+        let mut found = plan
             .interfaces
             .iter()
             .map(|itf| diff::find_link(&links, itf).cloned())
             .collect::<Result<Vec<_>>>()?;
         let mut count = Count::default();
+        if diff::renames_collide(&found, &plan.interfaces) {
+            for (link, itf) in found.iter_mut().zip(&plan.interfaces) {
+                if link.name != itf.name {
+                    let aside = Interface {
+                        name: format!("nsn{}", link.index),
+                        mtu: None,
+                        addresses: Vec::new(),
+                        up: false,
+                        ..itf.clone()
+                    };
+                    count.links += self.configure_link(link, &aside).await?;
+                    (link.name, link.up) = (aside.name, false);
+                }
+            }
+        }
         for (itf, link) in plan.interfaces.iter().zip(&found) {
             count.links += self.configure_link(link, itf).await?;
             count.addresses += self.set_addresses(link.index, itf).await?;
@@ -256,7 +271,9 @@ impl Netlink {
             filter.header.address_family = family;
             let msgs: Vec<RouteMessage> =
                 collect(self.0.route().get(filter).execute(), "list the routes").await?;
-            all.extend(msgs.iter().filter_map(|m| observed_route(m, names)));
+            // A kernel without the family answers with all it has.
+            let asked = msgs.iter().filter(|m| m.header.address_family == family);
+            all.extend(asked.filter_map(|m| observed_route(m, names)));
         }
         Ok(all)
     }
@@ -272,7 +289,8 @@ impl Netlink {
                 .set_address_family(family)
                 .execute();
             let msgs: Vec<NeighbourMessage> = collect(req, "list the neighbours").await?;
-            all.extend(msgs.iter().filter_map(|m| observed_neighbor(m, names)));
+            let asked = msgs.iter().filter(|m| m.header.family == family);
+            all.extend(asked.filter_map(|m| observed_neighbor(m, names)));
         }
         Ok(all)
     }

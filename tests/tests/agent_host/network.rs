@@ -52,12 +52,17 @@ impl Netns {
                 &format!("net.ipv6.conf.{key}.accept_dad=0"),
             ]);
         }
-        ns.ip(&[
-            "link", "add", "nic0", "address", NIC_MAC, "type", "veth", "peer", "name", "peer0",
-            "address", PEER_MAC,
-        ]);
-        ns.ip(&["link", "set", "peer0", "up"]);
+        ns.add_nic("nic0", NIC_MAC, "peer0", PEER_MAC);
         Some(ns)
+    }
+
+    /// A veth pair: `nic` (down) as the guest's NIC, `peer` (up).
+    fn add_nic(&self, nic: &str, mac: &str, peer: &str, peer_mac: &str) {
+        self.ip(&[
+            "link", "add", nic, "address", mac, "type", "veth", "peer", "name", peer, "address",
+            peer_mac,
+        ]);
+        self.ip(&["link", "set", peer, "up"]);
     }
 
     fn path(&self) -> PathBuf {
@@ -418,4 +423,39 @@ async fn containers_without_a_network_namespace_see_the_pods_nics() {
     let (exit, out, _) = a.run_to_end("ownnet", &sh(&a, "ls /sys/class/net")).await;
     assert_eq!(exit.exit_status, 0);
     assert_eq!(out, "lo\n");
+}
+
+#[tokio::test]
+async fn two_nics_can_swap_names() {
+    let Some(ns) = Netns::create() else { return };
+    ns.add_nic("nic1", OTHER_MAC, "peer1", "02:00:00:5e:aa:04");
+    let Some(a) = Agent::start_in_netns(&ns.path()).await else {
+        return;
+    };
+    let nic = |mac: &str, name: &str| pb::Interface {
+        mac: mac.into(),
+        name: name.into(),
+        up: true,
+        ..Default::default()
+    };
+    let name_of = |mac: &str| {
+        let links = ns.json(&["link"]);
+        let link = links
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["address"] == mac);
+        link.unwrap()["ifname"].as_str().unwrap().to_string()
+    };
+    for (first, second) in [("eth0", "eth1"), ("eth1", "eth0")] {
+        let req = pb::UpdateNetworkRequest {
+            interfaces: vec![nic(NIC_MAC, first), nic(OTHER_MAC, second)],
+            ..Default::default()
+        };
+        update(&a, &req).await.expect("UpdateNetwork");
+        assert_eq!(
+            (name_of(NIC_MAC), name_of(OTHER_MAC)),
+            (first.to_string(), second.to_string())
+        );
+    }
 }
