@@ -394,7 +394,8 @@ async fn update_network_refusals_change_nothing() {
     let (code, msg) = status_of(&update(&a, &unreachable).await.unwrap_err());
     assert_eq!(code, ttrpc::Code::INTERNAL, "{msg}");
     assert!(
-        msg.starts_with("cannot add the route 10.92.0.0/16 via 192.0.2.1 dev eth0: "),
+        msg.starts_with("cannot add the route 10.92.0.0/16 via 192.0.2.1 dev eth0: ")
+            && msg.contains("unreachable"),
         "{msg}"
     );
     assert!(!ns.ip(&["route"]).contains("10.92.0.0"));
