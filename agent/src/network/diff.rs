@@ -377,10 +377,10 @@ mod tests {
             &[default.clone(), link_route.clone()],
             &["eth0", "lo"],
         );
-        assert_eq!(c.delete, [stale.route.clone()]);
+        assert_eq!(c.delete, std::slice::from_ref(&stale.route));
         assert_eq!(c.add, [link_route.clone(), default.clone()]);
         // A wanted route the kernel already made is left as it is.
-        let c = routes(&seen, &[subnet.route.clone()], &["eth0"]);
+        let c = routes(&seen, std::slice::from_ref(&subnet.route), &["eth0"]);
         assert!(c.add.is_empty());
         // Everything in place: nothing to do.
         let done = [
@@ -392,7 +392,7 @@ mod tests {
         assert!(c.add.is_empty() && c.delete.is_empty(), "{c:?}");
         // A changed gateway is a delete and an add.
         let moved = route("0.0.0.0/0", Some("10.88.0.2"), "eth0");
-        let c = routes(&done, &[moved.clone()], &["eth0"]);
+        let c = routes(&done, std::slice::from_ref(&moved), &["eth0"]);
         assert_eq!(c.add, [moved]);
         assert_eq!(c.delete.len(), 2);
         assert!(c.delete.contains(&default));
