@@ -252,6 +252,14 @@ async fn events_during<F: std::future::Future>(ns: &Netns, f: F) -> (F::Output, 
     (out, String::from_utf8_lossy(&events.stdout).into_owned())
 }
 
+/// A namespace with nic0, and the agent in it after the pod's request.
+async fn pod() -> Option<(Netns, Agent)> {
+    let ns = Netns::create()?;
+    let a = Agent::start_in_netns(&ns.path()).await?;
+    update(&a, &pod_request()).await.expect("UpdateNetwork");
+    Some((ns, a))
+}
+
 #[tokio::test]
 async fn update_network_configures_the_nic_and_is_idempotent() {
     let Some(ns) = Netns::create() else { return };
@@ -350,11 +358,7 @@ async fn update_network_configures_the_nic_and_is_idempotent() {
 
 #[tokio::test]
 async fn update_network_refusals_change_nothing() {
-    let Some(ns) = Netns::create() else { return };
-    let Some(a) = Agent::start_in_netns(&ns.path()).await else {
-        return;
-    };
-    update(&a, &pod_request()).await.expect("UpdateNetwork");
+    let Some((ns, a)) = pod().await else { return };
     ns.settle("eth0");
     let before = ns.snapshot();
 
@@ -406,11 +410,7 @@ async fn update_network_refusals_change_nothing() {
 
 #[tokio::test]
 async fn containers_without_a_network_namespace_see_the_pods_nics() {
-    let Some(ns) = Netns::create() else { return };
-    let Some(a) = Agent::start_in_netns(&ns.path()).await else {
-        return;
-    };
-    update(&a, &pod_request()).await.expect("UpdateNetwork");
+    let Some((ns, a)) = pod().await else { return };
     let script = "cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu; \
                   grep -c eth0 /proc/net/dev";
     // No network namespace in the spec: the agent's, the pod's network.
