@@ -239,9 +239,10 @@ impl Netlink {
         }
         // Deleting an IPv4 primary address can take its secondaries along:
         // what to add is decided on what is left.
-        let changes = match changes.delete.is_empty() {
-            true => changes,
-            false => diff::addresses(&self.addresses(index).await?, &itf.addresses),
+        let deletes = changes.delete.len();
+        let changes = match deletes {
+            0 => changes,
+            _ => diff::addresses(&self.addresses(index).await?, &itf.addresses),
         };
         if let Some(c) = changes.delete.first() {
             return Err(AgentError::internal(format!(
@@ -261,7 +262,7 @@ impl Netlink {
                 .await
                 .map_err(|e| failed(format_args!("add the address {c} to {}", itf.name), e))?;
         }
-        Ok(changes.add.len())
+        Ok(deletes + changes.add.len())
     }
 
     async fn routes(&self, names: &HashMap<u32, String>) -> Result<Vec<ObservedRoute>> {
