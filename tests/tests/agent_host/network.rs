@@ -410,7 +410,7 @@ async fn update_network_refusals_change_nothing() {
 
 #[tokio::test]
 async fn containers_without_a_network_namespace_see_the_pods_nics() {
-    let Some((ns, a)) = pod().await else { return };
+    let Some((_ns, a)) = pod().await else { return };
     let script = "cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu; \
                   grep -c eth0 /proc/net/dev";
     // No network namespace in the spec: the agent's, the pod's network.
