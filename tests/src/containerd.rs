@@ -611,8 +611,13 @@ impl Footprint {
                 // Only nutshell's own: VM processes name the pod's state
                 // directory; other tests' VMs run elsewhere.
                 let mine = name == "containerd-shim-nutshell-v2"
-                    || (["qemu-system-x86_64", "nutshell-vmm", "virtiofsd", "vhost-device-vsock"]
-                        .contains(&name.as_str())
+                    || ([
+                        "qemu-system-x86_64",
+                        "nutshell-vmm",
+                        "virtiofsd",
+                        "vhost-device-vsock",
+                    ]
+                    .contains(&name.as_str())
                         && String::from_utf8_lossy(&cmdline)
                             .contains(&format!("{NUTSHELL_RUN_DIR}/")));
                 if mine {
