@@ -230,11 +230,11 @@ mod tests {
     }
 
     #[test]
-    fn macs_parse_only_from_six_octets() {
+    fn macs_come_only_from_six_octets() {
         assert_eq!(
-            Mac::from_bytes(&[1, 2, 3, 4, 5, 6]),
+            mac_from(&[1, 2, 3, 4, 5, 6]),
             Some(Mac([1, 2, 3, 4, 5, 6]))
         );
-        assert_eq!(Mac::from_bytes(&[1, 2, 3]), None);
+        assert_eq!(mac_from(&[1, 2, 3]), None);
     }
 }
