@@ -9,6 +9,7 @@
 #
 #   tools/kvm-linux-boot-test.sh        exit 0: passed or skipped; 1: failed
 #   RUNS=10 (default)                   boots measured for start to agent-ready
+#   PROFILE=release (default) | debug   which cargo profile to build and run
 #
 # What it proves on a capable host, in order:
 #  1. nutshell-vmm alone: the kernel boots through PVH with our memory map
@@ -29,7 +30,7 @@ BOOT_LIMIT_S=${BOOT_LIMIT_S:-60}
 RUNS=${RUNS:-10}
 
 # The verdict from a debug build (what `cargo test` already built); the
-# measured binaries are release builds, made only where the test runs.
+# measured binaries are $PROFILE builds (release unless told), made only where the test runs.
 cargo build -q -p nutshell
 
 check=$(target/debug/nutshell check --guest-dir "$GUEST_DIR" || true)
@@ -58,15 +59,24 @@ fi
 for f in vmlinux initramfs.cpio.gz; do
   [[ -s $GUEST_DIR/$f ]] || fail "$GUEST_DIR/$f is missing (guest-image/build.sh --install)"
 done
-cargo build -q --release -p nutshell -p nutshell-vmm
+# PROFILE=debug reuses what `cargo test` built (tools/nested-suite.sh, where
+# a release build would be compiled under emulation); figures then come
+# from the dev profile (opt-level 1).
+profile=${PROFILE:-release}
+case $profile in
+  release) profile_flag=(--release) ;;
+  debug) profile_flag=() ;;
+  *) fail "PROFILE must be release or debug, not $profile" ;;
+esac
+cargo build -q "${profile_flag[@]}" -p nutshell -p nutshell-vmm
 # The runtime's own agent client: it waits for the agent and prints its
 # Health reply with the milliseconds since a given start (runtime/examples/).
-cargo build -q --release -p nutshell-runtime --example agent-health
-NUTSHELL=target/release/nutshell
-VMM=target/release/nutshell-vmm
-HEALTH=target/release/examples/agent-health
+cargo build -q "${profile_flag[@]}" -p nutshell-runtime --example agent-health
+NUTSHELL=target/$profile/nutshell
+VMM=target/$profile/nutshell-vmm
+HEALTH=target/$profile/examples/agent-health
 # `nutshell run --backend vmm` finds nutshell-vmm on PATH: this build's.
-export PATH="$PWD/target/release:$PATH"
+export PATH="$PWD/target/$profile:$PATH"
 
 work=$(mktemp -d)
 vmm_pid=

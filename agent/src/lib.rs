@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod container;
 pub mod error;
 pub mod listen;
+pub mod network;
 pub mod oom;
 pub mod pid1;
 pub mod pty;

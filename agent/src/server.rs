@@ -351,6 +351,15 @@ impl Agent for AgentService {
         })
     }
 
+    async fn update_network(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::UpdateNetworkRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        crate::network::update(&req).await?;
+        Ok(empty())
+    }
+
     async fn remove_container(
         &self,
         _ctx: &TtrpcContext,

@@ -96,8 +96,9 @@ pub fn prerequisites() -> Result<(), String> {
     Ok(())
 }
 
-/// A nutshell config for tests: the guest image from [`guest_dir`], QEMU,
-/// plus `extra` TOML lines for the `[vm]` section; 60 s to reach the agent.
+/// A nutshell config for tests: the guest image from [`guest_dir`], the
+/// backend [`test_backend`] names, plus `extra` TOML lines for the `[vm]`
+/// section; 60 s to reach the agent.
 pub fn test_nutshell_config(extra_vm: &str) -> String {
     test_nutshell_config_dialing(extra_vm, Duration::from_secs(60))
 }
@@ -107,12 +108,20 @@ pub fn test_nutshell_config(extra_vm: &str) -> String {
 pub fn test_nutshell_config_dialing(extra_vm: &str, dial_timeout: Duration) -> String {
     let g = guest_dir();
     format!(
-        "[vm]\nbackend = \"qemu\"\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\n{extra_vm}\n\
+        "[vm]\nbackend = \"{}\"\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\n{extra_vm}\n\
          [agent]\ndial_timeout_ms = {}\n[log]\nlevel = \"debug\"\n",
+        test_backend(),
         g.join("vmlinux").display(),
         g.join("initramfs.cpio.gz").display(),
         dial_timeout.as_millis()
     )
+}
+
+/// The backend the containerd tests run pods on: `$NUTSHELL_TEST_BACKEND`
+/// (`vmm` inside the nested-KVM environment, tools/nested-kvm.sh), else
+/// `qemu`, which runs everywhere.
+pub fn test_backend() -> String {
+    std::env::var("NUTSHELL_TEST_BACKEND").unwrap_or_else(|_| "qemu".into())
 }
 
 /// The kernel release of the installed guest `vmlinux` (from its
@@ -644,8 +653,13 @@ impl Footprint {
                 // Only nutshell's own: VM processes name the pod's state
                 // directory; other tests' VMs run elsewhere.
                 let mine = name == "containerd-shim-nutshell-v2"
-                    || (["qemu-system-x86_64", "virtiofsd", "vhost-device-vsock"]
-                        .contains(&name.as_str())
+                    || ([
+                        "qemu-system-x86_64",
+                        "nutshell-vmm",
+                        "virtiofsd",
+                        "vhost-device-vsock",
+                    ]
+                    .contains(&name.as_str())
                         && String::from_utf8_lossy(&cmdline)
                             .contains(&format!("{NUTSHELL_RUN_DIR}/")));
                 if mine {

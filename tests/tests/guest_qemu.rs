@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nutshell_protocol::agent::{CreateContainerRequest, ExecProcessRequest};
+use nutshell_protocol::agent::{
+    CreateContainerRequest, ExecProcessRequest, Interface, UpdateNetworkRequest,
+};
 use nutshell_protocol::DEFAULT_AGENT_VSOCK_PORT;
 use nutshell_runtime::agent::{AgentAddress, AgentClient, AgentError, DialOptions};
 use nutshell_runtime::hypervisor::qemu::QemuHypervisor;
@@ -272,6 +274,30 @@ fn guest_runs_containers() {
             mem.rss_kib >> 10,
             mem.pss_kib >> 10,
             mem.processes
+        );
+
+        // UpdateNetwork reads the guest kernel's links, routes and
+        // neighbours over rtnetlink: no NIC asked for, nothing to change; a
+        // NIC the guest lacks (it has none here) is NOT_FOUND naming it.
+        agent
+            .update_network(&UpdateNetworkRequest::default())
+            .await
+            .unwrap();
+        let missing = UpdateNetworkRequest {
+            interfaces: vec![Interface {
+                mac: "02:00:00:5e:aa:01".into(),
+                name: "eth0".into(),
+                up: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let e = agent.update_network(&missing).await.unwrap_err();
+        assert_eq!(e.rpc_code(), Some(ttrpc::Code::NOT_FOUND), "{e:#}");
+        let msg = e.rpc_message().unwrap_or_default();
+        assert!(
+            msg.contains("02:00:00:5e:aa:01") && msg.contains("lo 00:00:00:00:00:00"),
+            "{msg}"
         );
 
         let none = BTreeMap::new();

@@ -22,31 +22,16 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use nutshell_protocol::agent as pb;
-use serde::{Deserialize, Serialize};
 
 pub use plumb::{plumb, unplumb, NetworkRecord, Plumbed, RECORD_FILE};
 pub use scan::scan;
 
-/// A MAC address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Mac(pub [u8; 6]);
+/// The VMM's MAC type is the one the runtime passes around too.
+pub use nutshell_vmm::devices::virtio::net::MacAddr as Mac;
 
-impl std::fmt::Display for Mac {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
-impl Mac {
-    /// The six octets of a link-layer address, when it is one.
-    pub fn from_bytes(b: &[u8]) -> Option<Self> {
-        <[u8; 6]>::try_from(b).ok().map(Self)
-    }
+/// The six octets of a link-layer address, when it is one.
+pub(crate) fn mac_from(b: &[u8]) -> Option<Mac> {
+    <[u8; 6]>::try_from(b).ok().map(Mac)
 }
 
 /// One interface of the pod's namespace, to be mirrored.
@@ -245,11 +230,11 @@ mod tests {
     }
 
     #[test]
-    fn macs_parse_only_from_six_octets() {
+    fn macs_come_only_from_six_octets() {
         assert_eq!(
-            Mac::from_bytes(&[1, 2, 3, 4, 5, 6]),
+            mac_from(&[1, 2, 3, 4, 5, 6]),
             Some(Mac([1, 2, 3, 4, 5, 6]))
         );
-        assert_eq!(Mac::from_bytes(&[1, 2, 3]), None);
+        assert_eq!(mac_from(&[1, 2, 3]), None);
     }
 }

@@ -16,7 +16,7 @@ use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 
 use super::netns::in_netns;
 use super::plumb::is_our_tap;
-use super::{Interface, Mac, Neighbor, NetworkError, PodNetwork, Route};
+use super::{mac_from, Interface, Mac, Neighbor, NetworkError, PodNetwork, Route};
 
 /// Reads the network namespace at `path`: every interface but `lo` (and
 /// our own taps), with its addresses, routes and permanent neighbours.
@@ -77,7 +77,7 @@ fn link_facts(msg: &LinkMessage) -> LinkFacts {
     for a in &msg.attributes {
         match a {
             LinkAttribute::IfName(n) => f.name = n.clone(),
-            LinkAttribute::Address(b) => f.mac = Mac::from_bytes(b),
+            LinkAttribute::Address(b) => f.mac = mac_from(b),
             LinkAttribute::Mtu(m) => f.mtu = *m,
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
@@ -197,7 +197,7 @@ async fn scan_here(handle: Handle) -> Result<PodNetwork, NetworkError> {
                 NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
                     ip = Some(IpAddr::V6(*v6))
                 }
-                NeighbourAttribute::LinkLayerAddress(b) => mac = Mac::from_bytes(b),
+                NeighbourAttribute::LinkLayerAddress(b) => mac = mac_from(b),
                 _ => {}
             }
         }

@@ -62,6 +62,16 @@ impl Agent {
     /// cgroup2 hierarchy mounted on /sys/fs/cgroup, so the cgroup v2 code
     /// runs even on a cgroup v1 host (with whatever controllers v2 has).
     pub async fn start_with(private_cgroup2: bool) -> Option<Self> {
+        Self::launch(private_cgroup2, None).await
+    }
+
+    /// The agent in the network namespace at `netns` (e.g. /run/netns/x),
+    /// so UpdateNetwork changes that namespace's links only.
+    pub async fn start_in_netns(netns: &Path) -> Option<Self> {
+        Self::launch(false, Some(netns)).await
+    }
+
+    async fn launch(private_cgroup2: bool, netns: Option<&Path>) -> Option<Self> {
         let bin = prerequisites()?;
         let dir = tempfile::Builder::new()
             .prefix("nutshell-agent-test")
@@ -86,6 +96,15 @@ impl Agent {
             c.arg("--listen").arg(&listen);
             c
         };
+        if let Some(netns) = netns {
+            // nsenter execs the command: the child is still the agent.
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", netns.display()))
+                .arg("--")
+                .arg(cmd.get_program())
+                .args(cmd.get_args());
+            cmd = c;
+        }
         let child = cmd
             .env("NUTSHELL_AGENT_LOG", "warn")
             .stdin(Stdio::null())

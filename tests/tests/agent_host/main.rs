@@ -11,6 +11,7 @@ mod bad_input;
 mod cgroups;
 mod isolation;
 mod lifecycle;
+mod network;
 mod process_settings;
 mod reach;
 mod stdio;
