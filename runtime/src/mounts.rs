@@ -397,18 +397,37 @@ pub fn remove_tree(dir: &Path) -> Result<(), MountError> {
 }
 
 fn remove_same_dev(path: &Path, dev: u64) -> Result<(), MountError> {
-    let meta = fs::symlink_metadata(path).map_err(fs_err("inspect", path))?;
+    // What vanishes meanwhile was removed by someone else (two `shim
+    // delete`s of one pod run at once): gone is what we wanted.
+    let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if gone(&e) => return Ok(()),
+        Err(e) => return Err(fs_err("inspect", path)(e)),
+    };
     if meta.dev() != dev {
         return Err(MountError::StillMounted(path.to_path_buf()));
     }
-    if meta.is_dir() {
-        for e in fs::read_dir(path).map_err(fs_err("list", path))? {
-            let e = e.map_err(fs_err("list", path))?;
-            remove_same_dev(&e.path(), dev)?;
+    let removed = if meta.is_dir() {
+        let entries = match fs::read_dir(path) {
+            Ok(rd) => rd,
+            Err(e) if gone(&e) => return Ok(()),
+            Err(e) => return Err(fs_err("list", path)(e)),
+        };
+        for e in entries {
+            match e {
+                Ok(e) => remove_same_dev(&e.path(), dev)?,
+                Err(e) if gone(&e) => {}
+                Err(e) => return Err(fs_err("list", path)(e)),
+            }
         }
-        fs::remove_dir(path).map_err(fs_err("remove", path))
+        fs::remove_dir(path)
     } else {
-        fs::remove_file(path).map_err(fs_err("remove", path))
+        fs::remove_file(path)
+    };
+    match removed {
+        Err(e) if !gone(&e) => Err(fs_err("remove", path)(e)),
+        _ => Ok(()),
     }
 }
 

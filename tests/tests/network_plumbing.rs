@@ -11,75 +11,54 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nutshell_runtime::network::{plumb, scan, unplumb, Mac, NetworkError, NetworkRecord};
-use nutshell_tests::{is_root, require, run_ok, which};
+use nutshell_tests::netns::TestNetns;
+use nutshell_tests::{is_root, require, which};
 
-/// A network namespace the test made; deleted on drop.
-struct Ns(String);
-
-impl Ns {
-    fn new(tag: &str) -> Self {
-        let name = format!("nutshell-np-{tag}-{}", std::process::id());
-        // A namespace left by a killed run of this test.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(std::process::Stdio::null())
-            .status();
-        run_ok(Command::new("ip").args(["netns", "add", &name])).expect("ip netns add");
-        run_ok(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"])).expect("lo up");
-        Self(name)
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.0)
-    }
-
-    /// `ip -n <ns> <args>`, which must succeed.
-    fn ip(&self, args: &str) -> String {
-        let mut c = Command::new("ip");
-        c.args(["-n", &self.0]).args(args.split_whitespace());
-        run_ok(&mut c).unwrap_or_else(|e| panic!("ip -n {} {args}: {e}", self.0))
-    }
-
-    /// `tc <args>` inside the namespace.
-    fn tc(&self, args: &str) -> String {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0, "tc"])
-            .args(args.split_whitespace());
-        run_ok(&mut c).unwrap_or_else(|e| panic!("tc {args}: {e}"))
-    }
+/// `ip <args>` inside `ns`, which must succeed.
+fn ip(ns: &TestNetns, args: &str) -> String {
+    let args: Vec<&str> = args.split_whitespace().collect();
+    ns.output("ip", &args)
+        .unwrap_or_else(|e| panic!("ip {}: {e}", args.join(" ")))
 }
 
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// `tc <args>` inside `ns`.
+fn tc(ns: &TestNetns, args: &str) -> String {
+    let args: Vec<&str> = args.split_whitespace().collect();
+    ns.output("tc", &args)
+        .unwrap_or_else(|e| panic!("tc {}: {e}", args.join(" ")))
 }
 
 const POD_MAC: &str = "0a:58:0a:d5:09:02";
 
 /// A node and a pod namespace joined by a veth, the pod end `eth0` with an
 /// address, a default route and a permanent neighbour.
-fn node_and_pod(tag: &str) -> Option<(Ns, Ns)> {
+fn node_and_pod() -> Option<(TestNetns, TestNetns)> {
     if !require(is_root(), "needs root")
         || !require(which("ip").is_some(), "needs ip (iproute2)")
         || !require(which("tc").is_some(), "needs tc (iproute2)")
     {
         return None;
     }
-    let node = Ns::new(&format!("{tag}n"));
-    let pod = Ns::new(&format!("{tag}p"));
-    node.ip(&format!(
-        "link add veth-node type veth peer name eth0 netns {}",
-        pod.0
-    ));
-    node.ip("addr add 10.213.9.1/24 dev veth-node");
-    node.ip("link set veth-node up");
-    pod.ip(&format!("link set eth0 address {POD_MAC} mtu 1400"));
-    pod.ip("addr add 10.213.9.2/24 dev eth0");
-    pod.ip("addr add fd00:213::2/64 dev eth0 nodad");
-    pod.ip("link set eth0 up");
-    pod.ip("route add default via 10.213.9.1 dev eth0");
-    pod.ip("neigh add 10.213.9.77 lladdr 02:00:00:00:00:77 dev eth0 nud permanent");
+    let node = TestNetns::create().expect("node namespace");
+    let pod = TestNetns::create().expect("pod namespace");
+    ip(
+        &node,
+        &format!(
+            "link add veth-node type veth peer name eth0 netns {}",
+            pod.path().display()
+        ),
+    );
+    ip(&node, "addr add 10.213.9.1/24 dev veth-node");
+    ip(&node, "link set veth-node up");
+    ip(&pod, &format!("link set eth0 address {POD_MAC} mtu 1400"));
+    ip(&pod, "addr add 10.213.9.2/24 dev eth0");
+    ip(&pod, "addr add fd00:213::2/64 dev eth0 nodad");
+    ip(&pod, "link set eth0 up");
+    ip(&pod, "route add default via 10.213.9.1 dev eth0");
+    ip(
+        &pod,
+        "neigh add 10.213.9.77 lladdr 02:00:00:00:00:77 dev eth0 nud permanent",
+    );
     Some((node, pod))
 }
 
@@ -92,7 +71,7 @@ fn rt() -> tokio::runtime::Runtime {
 
 #[test]
 fn a_pods_veth_is_read_as_the_guest_must_copy_it() {
-    let Some((_node, pod)) = node_and_pod("scan") else {
+    let Some((_node, pod)) = node_and_pod() else {
         return;
     };
     let net = rt().block_on(scan(&pod.path())).expect("scan");
@@ -129,17 +108,17 @@ fn a_pods_veth_is_read_as_the_guest_must_copy_it() {
 
 #[test]
 fn an_interface_that_cannot_be_mirrored_is_named() {
-    let Some((_node, pod)) = node_and_pod("kind") else {
+    let Some((_node, pod)) = node_and_pod() else {
         return;
     };
-    pod.ip("link add extra0 type bridge");
-    pod.ip("link set extra0 up");
+    ip(&pod, "link add extra0 type bridge");
+    ip(&pod, "link set extra0 up");
     let e = rt().block_on(scan(&pod.path())).unwrap_err();
     assert!(matches!(e, NetworkError::Unsupported { .. }), "{e}");
     let msg = e.to_string();
     assert!(msg.contains("extra0") && msg.contains("bridge"), "{msg}");
     // Down and without an address it carries nothing: skipped.
-    pod.ip("link set extra0 down");
+    ip(&pod, "link set extra0 down");
     let net = rt().block_on(scan(&pod.path())).expect("scan");
     assert_eq!(net.interfaces.len(), 1);
 }
@@ -198,7 +177,7 @@ fn arp_reply(request: &[u8], mac: Mac, ip: [u8; 4]) -> Vec<u8> {
 
 #[test]
 fn plumbing_joins_veth_and_tap_both_ways_and_unplumbing_leaves_nothing() {
-    let Some((node, pod)) = node_and_pod("plumb") else {
+    let Some((node, pod)) = node_and_pod() else {
         return;
     };
     let state = tempfile::tempdir().expect("tempdir");
@@ -216,12 +195,12 @@ fn plumbing_joins_veth_and_tap_both_ways_and_unplumbing_leaves_nothing() {
     let (mac, tap) = &plumbed.taps[0];
     assert_eq!(mac.to_string(), POD_MAC);
     let tap_name = &plumbed.record.links[0].tap;
-    let link = pod.ip(&format!("-o link show {tap_name}"));
+    let link = ip(&pod, &format!("-o link show {tap_name}"));
     assert!(link.contains("mtu 1400") && link.contains("UP"), "{link}");
     for dev in ["eth0", tap_name.as_str()] {
-        let q = pod.tc(&format!("qdisc show dev {dev} ingress"));
+        let q = tc(&pod, &format!("qdisc show dev {dev} ingress"));
         assert!(q.contains("ingress"), "{dev}: {q}");
-        let f = pod.tc(&format!("filter show dev {dev} ingress"));
+        let f = tc(&pod, &format!("filter show dev {dev} ingress"));
         assert!(
             f.contains("protocol all") && f.contains("mirred") && f.contains("Redirect"),
             "{dev}: {f}"
@@ -231,20 +210,16 @@ fn plumbing_joins_veth_and_tap_both_ways_and_unplumbing_leaves_nothing() {
     assert_eq!(rt.block_on(scan(&pod.path())).expect("rescan"), net);
 
     // veth → tap: the node's ARP request for the pod comes out of the tap.
-    let mut ping = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &node.0,
-            nutshell_tests::BUSYBOX,
-            "ping",
-            "-c",
-            "3",
-            "10.213.9.2",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
+    // Forked from a thread inside the node's namespace, ping lives there.
+    let mut ping = node
+        .run(|| {
+            Command::new(nutshell_tests::BUSYBOX)
+                .args(["ping", "-c", "3", "10.213.9.2"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+        })
+        .expect("enter the node's namespace")
         .expect("ping");
     let pod_ip = [10, 213, 9, 2];
     let request = read_frame(
@@ -259,7 +234,7 @@ fn plumbing_joins_veth_and_tap_both_ways_and_unplumbing_leaves_nothing() {
     assert_eq!(n, reply.len());
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let neigh = node.ip("neigh show 10.213.9.2");
+        let neigh = ip(&node, "neigh show 10.213.9.2");
         if neigh.contains(POD_MAC) {
             break;
         }
@@ -275,7 +250,7 @@ fn plumbing_joins_veth_and_tap_both_ways_and_unplumbing_leaves_nothing() {
     // The VM's end goes: the tap goes with its last fd.
     drop(plumbed.taps);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while pod.ip("-o link").contains(tap_name.as_str()) {
+    while ip(&pod, "-o link").contains(tap_name.as_str()) {
         assert!(Instant::now() < deadline, "the tap outlived its fd");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -284,9 +259,9 @@ fn plumbing_joins_veth_and_tap_both_ways_and_unplumbing_leaves_nothing() {
     rt.block_on(unplumb(&plumbed.record)).expect("unplumb");
     rt.block_on(unplumb(&plumbed.record))
         .expect("unplumb again");
-    let q = pod.tc("qdisc show dev eth0 ingress");
+    let q = tc(&pod, "qdisc show dev eth0 ingress");
     assert!(!q.contains("ingress"), "{q}");
-    assert_eq!(pod.tc("filter show dev eth0 ingress").trim(), "");
+    assert_eq!(tc(&pod, "filter show dev eth0 ingress").trim(), "");
     // The pod's own configuration is untouched.
-    assert!(pod.ip("addr show eth0").contains("10.213.9.2/24"));
+    assert!(ip(&pod, "addr show eth0").contains("10.213.9.2/24"));
 }

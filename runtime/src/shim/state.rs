@@ -235,10 +235,25 @@ fn is_zombie(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Holds the pod's directory exclusively while one `shim delete` cleans
+/// it: containerd deletes a dead shim's sandbox and its containers at
+/// once. `None` when the directory is gone already.
+fn lock_dir(dir: &Path) -> Option<nix::fcntl::Flock<fs::File>> {
+    let f = fs::File::open(dir).ok()?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive) {
+        Ok(l) => Some(l),
+        Err((_, e)) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot lock the pod's directory");
+            None
+        }
+    }
+}
+
 /// Everything of a pod, after its shim died: kill the VM's processes,
 /// unmount, remove the pod's directory.
 pub fn cleanup_pod(key: &PodKey) -> Result<(), StateError> {
     let dir = key.dir();
+    let _lock = lock_dir(&dir);
     if let Some(record) = PodRecord::load(&dir) {
         let left = kill_recorded(&record, Duration::from_secs(5));
         if !left.is_empty() {
@@ -253,6 +268,7 @@ pub fn cleanup_pod(key: &PodKey) -> Result<(), StateError> {
 /// One container's part of a pod: its rootfs and volumes.
 pub fn cleanup_container(key: &PodKey, cid: &str) -> Result<(), StateError> {
     check_id(cid)?;
+    let _lock = lock_dir(&key.dir());
     let dir = key.shared_dir().join(cid);
     unmount_below(&dir)?;
     remove_tree(&dir)?;
