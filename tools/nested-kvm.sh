@@ -32,9 +32,12 @@ CACHE=${NUTSHELL_CACHE:-/var/cache/nutshell}/l1
 CPUS=${NESTED_KVM_CPUS:-2}
 MEMORY=${NESTED_KVM_MEMORY:-4G}
 TIMEOUT_S=${NESTED_KVM_TIMEOUT_S:-1800}
-# What L1 loads from the kernel package: KVM and its dependencies, and what
-# virtme-ng's initramfs needs to mount the shared root (virtio-fs, 9p).
-MODULE_DIRS='arch/x86 virt crypto lib fs net/9p net/vmw_vsock drivers/crypto drivers/virtio drivers/char drivers/block'
+# What L1 loads from the kernel package: KVM and its dependencies, what
+# virtme-ng's initramfs needs to mount the shared root (virtio-fs, 9p), and
+# what pod networking needs there: veth, tun, a CNI bridge, tc ingress with
+# u32 and mirred, and netfilter for CNI's portmap (directories or files).
+MODULE_DIRS='arch/x86 virt crypto lib fs net/9p net/vmw_vsock drivers/crypto drivers/virtio drivers/char drivers/block
+  drivers/net/veth.ko drivers/net/tun.ko net/bridge net/802 net/llc net/sched net/netfilter net/ipv4/netfilter net/ipv6/netfilter'
 
 [[ ${1:-} == -- ]] && shift
 if (($# == 0)); then
@@ -136,6 +139,9 @@ if ! modprobe kvm_amd >"$x/modprobe.log" 2>&1 || [[ ! -c /dev/kvm ]]; then
   echo nokvm >"$x/status"
   exit 0
 fi
+# L1's /dev has no static nodes that load their module on first open, as
+# a booted host's has: /dev/net/tun (the runtime's taps) appears with tun.
+modprobe tun >>"$x/modprobe.log" 2>&1 || true
 "$@" >"$x/output" 2>&1 </dev/null
 echo $? >"$x/status.new" && mv "$x/status.new" "$x/status"
 EOF

@@ -34,3 +34,13 @@ CARGO_TARGET_DIR=${NUTSHELL_CACHE:-/var/cache/nutshell}/fuzz-target vmm/fuzz/run
 
 step "full Linux boot on KVM with nutshell-vmm (skips where KVM cannot run Linux)"
 tools/kvm-linux-boot-test.sh
+
+step "the vmm backend end to end on a KVM that runs Linux (tools/nested-suite.sh; inside L1 where this host's cannot)"
+# Built here, not under emulation: what the suite runs beyond `cargo test`.
+cargo build -q -p nutshell -p nutshell-vmm
+cargo build -q -p nutshell-runtime --example agent-health
+if grep -qE '^ok +kvm-linux ' <<<"$(target/debug/nutshell check || true)"; then
+  tools/nested-suite.sh
+else
+  tools/nested-kvm.sh -- tools/nested-suite.sh
+fi
