@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1::{DnsConfig, Mount, NamespaceMode, PodSandboxConfig, PortMapping, Protocol};
 use nutshell_runtime::shim::pod::HOST_NETWORK_WARNING;
-use nutshell_tests::containerd::{test_nutshell_config, Containerd, Footprint, NUTSHELL_HANDLER};
+use nutshell_tests::containerd::{
+    test_nutshell_config, Containerd, Footprint, CRI_NAMESPACE, NUTSHELL_HANDLER,
+};
 use nutshell_tests::cri::{pod_config, Cri};
 use nutshell_tests::netns::{
     http_get, serve_http, start_net_test, NetTest, TestNetns, BRIDGE, NODE_IP,
@@ -325,27 +327,54 @@ fn with_a_nutshell_pod(
     t.c.assert_left_nothing(&t.before, SETTLE);
 }
 
+/// `kill -9`s `pid` (a process of a running nutshell pod), waits until
+/// CRI reports the pod not ready, then checks that the runtime took its
+/// plumbing away while CNI's eth0 is still there; the pod is then removed
+/// as usual (StopPodSandbox's CNI DEL must not trip).
+async fn kill_and_check_the_netns(t: &NetTest, cri: &mut Cri<'_>, pod: &Pod, what: &str, pid: u32) {
+    assert_mirrored(pod, true);
+    let st = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // containerd learns of the end (the shim's exit, or the task's exit the
+    // shim reports), then has the task deleted.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cri.pod_ready(&pod.id).await {
+        assert!(
+            Instant::now() < deadline,
+            "the pod is still ready 60 s after its {what} died\n{}",
+            t.c.log_tail(60)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // CNI has not torn eth0 down yet: what is left is the runtime's.
+    assert_pod_netns_clean(pod, true);
+}
+
 #[test]
 fn a_killed_shim_leaves_no_tap_or_tc_filter_in_the_pods_netns() {
     with_a_nutshell_pod("pod-killed", NamespaceMode::Pod, async |t, cri, pod| {
-        assert_mirrored(pod, true);
-        let st = std::process::Command::new("kill")
-            .args(["-9", &shim_pid(&pod.id).to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
-        // containerd runs `shim delete`, then reports the sandbox's exit.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while cri.pod_ready(&pod.id).await {
-            assert!(
-                Instant::now() < deadline,
-                "the pod is still ready 60 s after its shim died\n{}",
-                t.c.log_tail(60)
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        // CNI has not torn eth0 down yet: what is left is the runtime's.
-        assert_pod_netns_clean(pod, true);
+        kill_and_check_the_netns(t, cri, pod, "shim", shim_pid(&pod.id)).await;
+    });
+}
+
+#[test]
+fn a_killed_vm_leaves_no_tap_or_tc_filter_in_the_pods_netns() {
+    with_a_nutshell_pod("pod-vm-killed", NamespaceMode::Pod, async |t, cri, pod| {
+        let dir = format!("{}/", t.c.pod_dir(CRI_NAMESPACE, &pod.id).display());
+        let vmm = Footprint::now()
+            .processes
+            .into_iter()
+            .filter(|(_, name)| name == "qemu-system-x86_64" || name == "nutshell-vmm")
+            .find(|(pid, _)| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&dir))
+            })
+            .map(|(pid, _)| pid)
+            .unwrap_or_else(|| panic!("no VMM serves pod {}", pod.id));
+        kill_and_check_the_netns(t, cri, pod, "VM", vmm).await;
     });
 }
 

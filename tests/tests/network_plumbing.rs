@@ -265,3 +265,37 @@ fn plumbing_joins_veth_and_tap_both_ways_and_unplumbing_leaves_nothing() {
     // The pod's own configuration is untouched.
     assert!(ip(&pod, "addr show eth0").contains("10.213.9.2/24"));
 }
+
+#[test]
+fn a_plumbing_that_fails_halfway_undoes_what_it_did() {
+    let Some((node, pod)) = node_and_pod() else {
+        return;
+    };
+    // A second veth, and the name its tap would get taken by a bridge: the
+    // first interface gets plumbed, the second cannot be.
+    ip(
+        &node,
+        &format!(
+            "link add veth-node2 type veth peer name eth1 netns {}",
+            pod.path().display()
+        ),
+    );
+    ip(&pod, "link set eth1 up");
+    ip(&pod, "link add tap1_nutshell type bridge");
+    let state = tempfile::tempdir().expect("tempdir");
+    let rt = rt();
+    let net = rt.block_on(scan(&pod.path())).expect("scan");
+    assert_eq!(net.interfaces.len(), 2, "{net:?}");
+    let e = rt
+        .block_on(plumb(&pod.path(), &net, state.path()))
+        .expect_err("the taken tap name fails the plumbing");
+    assert!(e.to_string().contains("tap1_nutshell"), "{e}");
+    for dev in ["eth0", "eth1"] {
+        let q = tc(&pod, &format!("qdisc show dev {dev} ingress"));
+        assert!(!q.contains("ingress"), "{dev} kept its qdisc: {q}");
+    }
+    assert!(
+        !ip(&pod, "-o link").contains("tap0_nutshell"),
+        "the first tap went with its fd"
+    );
+}
