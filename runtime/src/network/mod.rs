@@ -231,10 +231,7 @@ mod tests {
 
     #[test]
     fn macs_come_only_from_six_octets() {
-        assert_eq!(
-            mac_from(&[1, 2, 3, 4, 5, 6]),
-            Some(Mac([1, 2, 3, 4, 5, 6]))
-        );
+        assert_eq!(mac_from(&[1, 2, 3, 4, 5, 6]), Some(Mac([1, 2, 3, 4, 5, 6])));
         assert_eq!(mac_from(&[1, 2, 3]), None);
     }
 }
