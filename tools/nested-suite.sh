@@ -33,4 +33,4 @@ step "containerd tests with vm.backend = \"vmm\""
 export NUTSHELL_TEST_BACKEND=vmm
 export PATH="$PWD/target/debug:$PATH"
 # shellcheck disable=SC2086 # word splitting of the test list is meant
-cargo test -q -p nutshell-tests ${NESTED_TESTS:-"--test containerd_ctr -- --exact ctr_run_prints_the_guest_kernel_and_passes_exit_codes"}
+cargo test -q -p nutshell-tests ${NESTED_TESTS:-"--test guest_vmm --test containerd_ctr -- --exact ctr_run_prints_the_guest_kernel_and_passes_exit_codes the_vmm_backend_boots_the_guest_or_says_why_not a_kernel_that_panics_ends_the_start_with_its_console an_agent_that_never_answers_fails_at_the_deadline a_guest_that_floods_its_console_is_stopped_at_the_deadline"}
