@@ -1,22 +1,26 @@
-//! Boots the installed guest N times through the runtime (QEMU backend,
-//! hybrid-vsock agent client) and prints boot-to-agent-ready times, guest
-//! memory in use at agent-ready, and host RSS/PSS of the VM's processes.
-//! `tools/bench/boot.sh` runs it.
+//! Boots the installed guest N times through the runtime (QEMU or
+//! nutshell-vmm, hybrid-vsock agent client) and prints boot-to-agent-ready
+//! times, guest memory in use at agent-ready, and host RSS/PSS of the VM's
+//! processes. `tools/bench/boot.sh` runs it.
 //!
-//!   boot-bench [--boots N] [--accel tcg|kvm|auto] [--memory MIB] [--shared]
-//!              [--guest-dir DIR]
+//!   boot-bench [--backend qemu|vmm] [--boots N] [--accel tcg|kvm|auto]
+//!              [--memory MIB] [--shared] [--guest-dir DIR]
+//!
+//! The accelerator defaults to TCG for QEMU and is KVM for nutshell-vmm.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nutshell_runtime::agent::DialOptions;
+use nutshell_runtime::hypervisor::nutshell_vmm::VmmHypervisor;
 use nutshell_runtime::hypervisor::qemu::QemuHypervisor;
-use nutshell_runtime::hypervisor::{Accel, VmConfig, GUEST_ASSETS_DIR};
+use nutshell_runtime::hypervisor::{Accel, Hypervisor, HypervisorError, VmConfig, GUEST_ASSETS_DIR};
 use nutshell_runtime::sandbox::Sandbox;
 
 struct Args {
+    vmm: bool,
     boots: usize,
-    accel: Accel,
+    accel: Option<Accel>,
     memory_mib: u32,
     shared: bool,
     guest_dir: PathBuf,
@@ -24,8 +28,9 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
+        vmm: false,
         boots: 10,
-        accel: Accel::Tcg,
+        accel: None,
         memory_mib: 256,
         shared: false,
         guest_dir: PathBuf::from(GUEST_ASSETS_DIR),
@@ -34,8 +39,15 @@ fn parse_args() -> Result<Args, String> {
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
+            "--backend" => {
+                a.vmm = match value()?.as_str() {
+                    "qemu" => false,
+                    "vmm" => true,
+                    other => return Err(format!("--backend: {other} is not qemu or vmm")),
+                }
+            }
             "--boots" => a.boots = value()?.parse().map_err(|e| format!("--boots: {e}"))?,
-            "--accel" => a.accel = value()?.parse().map_err(|e| format!("--accel: {e}"))?,
+            "--accel" => a.accel = Some(value()?.parse().map_err(|e| format!("--accel: {e}"))?),
             "--memory" => a.memory_mib = value()?.parse().map_err(|e| format!("--memory: {e}"))?,
             "--shared" => a.shared = true,
             "--guest-dir" => a.guest_dir = value()?.into(),
@@ -74,7 +86,15 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let hv = match QemuHypervisor::discover() {
+    let hv: Result<Box<dyn Hypervisor>, HypervisorError> = if args.vmm {
+        VmmHypervisor::discover().map(|h| Box::new(h) as _)
+    } else {
+        QemuHypervisor::discover().map(|h| Box::new(h) as _)
+    };
+    let accel = args
+        .accel
+        .unwrap_or(if args.vmm { Accel::Kvm } else { Accel::Tcg });
+    let hv = match hv {
         Ok(hv) => hv,
         Err(e) => {
             eprintln!("boot-bench: {e}");
@@ -96,13 +116,13 @@ async fn main() {
     for i in 0..args.boots {
         let id = format!("bench-{i}");
         let mut config = VmConfig::new(&id, tmp.join(&id));
-        config.accel = args.accel;
+        config.accel = accel;
         config.memory_mib = args.memory_mib;
         config.kernel = args.guest_dir.join("vmlinux");
         config.initrd = args.guest_dir.join("initramfs.cpio.gz");
         config.shared_dir = args.shared.then(|| shared.clone());
         let t = Instant::now();
-        let sandbox = match Sandbox::start(&hv, &config, &dial).await {
+        let sandbox = match Sandbox::start(hv.as_ref(), &config, &dial).await {
             Ok(s) => s,
             Err(e) => {
                 let mut msg = e.to_string();
