@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use nutshell_runtime::agent::DialOptions;
 use nutshell_runtime::hypervisor::nutshell_vmm::VmmHypervisor;
 use nutshell_runtime::hypervisor::qemu::QemuHypervisor;
-use nutshell_runtime::hypervisor::{Accel, Hypervisor, HypervisorError, VmConfig, GUEST_ASSETS_DIR};
+use nutshell_runtime::hypervisor::{
+    Accel, Hypervisor, HypervisorError, VmConfig, GUEST_ASSETS_DIR,
+};
 use nutshell_runtime::sandbox::Sandbox;
 
 struct Args {

@@ -237,6 +237,23 @@ fn a_kernel_that_panics_ends_the_start_with_its_console() {
     });
 }
 
+/// The dial gave up at its deadline (not long after: the VM is stopped
+/// promptly whatever the guest does), killed the VM and quoted its console.
+fn assert_killed_at_deadline(e: &str, took: Duration, deadline: Duration) {
+    assert!(
+        took >= deadline && took < deadline + Duration::from_secs(10),
+        "the stop took too long: {took:?}"
+    );
+    assert!(
+        e.contains(&format!("did not answer within {deadline:?}")),
+        "{e}"
+    );
+    assert!(
+        e.contains("the VM was killed") && e.contains("last console lines"),
+        "{e}"
+    );
+}
+
 /// An agent that never answers (it listens on another port) fails the dial
 /// at its deadline; the VM is killed and the error quotes the console.
 #[test]
@@ -249,15 +266,7 @@ fn an_agent_that_never_answers_fails_at_the_deadline() {
         // Long enough for the guest to print under emulation (L1).
         let deadline = Duration::from_secs(20);
         if let Some((e, took)) = start_must_fail(&hv, &config, deadline).await {
-            assert!(
-                took >= deadline && took < deadline + Duration::from_secs(10),
-                "{took:?}"
-            );
-            assert!(e.contains("did not answer within 20s"), "{e}");
-            assert!(
-                e.contains("the VM was killed") && e.contains("last console lines"),
-                "{e}"
-            );
+            assert_killed_at_deadline(&e, took, deadline);
         }
         assert_no_vm_left(tmp.path(), &state);
     });
@@ -301,12 +310,7 @@ fn a_guest_that_floods_its_console_is_stopped_at_the_deadline() {
         let state = config.state_dir.clone();
         let deadline = Duration::from_secs(20);
         if let Some((e, took)) = start_must_fail(&hv, &config, deadline).await {
-            assert!(
-                took >= deadline && took < deadline + Duration::from_secs(10),
-                "the flood delayed the stop: {took:?}"
-            );
-            assert!(e.contains("did not answer within 20s"), "{e}");
-            assert!(e.contains("the VM was killed"), "{e}");
+            assert_killed_at_deadline(&e, took, deadline);
             assert!(e.contains(FLOOD_LINE), "the flood is not quoted: {e}");
             assert!(
                 e.len() < 16 * 1024,
