@@ -46,6 +46,8 @@ d = sys.argv[1]
 def figures(backend):
     f = {}
     for line in open(f"{d}/boot-{backend}"):
+        if line.startswith("failed boots:"):
+            f["boots failed (of all)"] = float(line.split()[2])
         m = re.match(r"(.*?)\s+p50\s+([\d.]+)\s+(\S+)\s+p90\s+([\d.]+)", line)
         if m:
             f[f"{m[1]} p50 ({m[3]})"] = float(m[2])
