@@ -9,9 +9,11 @@
 #  2. tools/kvm-linux-boot-test.sh: nutshell-vmm boots the guest, the agent
 #     answers over our hybrid vsock, `nutshell run --backend vmm` runs a
 #     container, and its figures (RUNS boots, 3 unless told);
-#  3. containerd end to end with `vm.backend = "vmm"` (NUTSHELL_TEST_BACKEND):
-#     a `ctr run`, and CRI pods on a CNI bridge reaching each other through
-#     our virtio-net, and a killed shim's clean-up ($NESTED_TESTS names them).
+#  3. guest_vmm: the guest on the vmm backend, and guests that misbehave (a
+#     kernel panic, a silent agent, a console flood) end with our error;
+#  4. containerd end to end with `vm.backend = "vmm"` (NUTSHELL_TEST_BACKEND):
+#     a `ctr run`, CRI pods on a CNI bridge reaching each other through our
+#     virtio-net, and a killed shim's clean-up ($NESTED_TESTS names them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { printf '\n--> %s\n' "$*"; }
@@ -31,12 +33,13 @@ echo "$out"
 # Here KVM runs Linux: a skip would hide a broken probe.
 ! grep -q '^SKIP' <<<"$out" || fail "the boot test skipped on a KVM that runs Linux"
 
-step "containerd tests with vm.backend = \"vmm\""
+step "tests on the vmm backend: misbehaving guests, and containerd with vm.backend = \"vmm\""
 export NUTSHELL_TEST_BACKEND=vmm
 # The test binaries `cargo test` built, run directly (cargo itself would
 # spend minutes under emulation finding them fresh). NESTED_TESTS: lines of
 # "<test file> <filter>...".
-tests=${NESTED_TESTS:-"containerd_ctr ctr_run_prints_the_guest_kernel
+tests=${NESTED_TESTS:-"guest_vmm
+containerd_ctr ctr_run_prints_the_guest_kernel
 containerd_cni nutshell_pods_on_a_cni_bridge a_killed_shim_leaves_no_tap"}
 while read -r file filters; do
   [[ -n $file ]] || continue

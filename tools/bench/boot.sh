@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Boot benchmark of the real guest under QEMU through nutshell-runtime:
+# Boot benchmark of the real guest under QEMU or nutshell-vmm through
+# nutshell-runtime:
 # boot to agent-ready (p50 over N boots), guest memory in use at agent-ready
 # (GuestDetails MemTotal - MemAvailable), host RSS/PSS of the VM's process
-# tree (QEMU + vhost-device-vsock [+ virtiofsd]), shutdown time.
+# tree (QEMU + vhost-device-vsock [+ virtiofsd], or nutshell-vmm
+# [+ virtiofsd]), shutdown time.
 #
-#   tools/bench/boot.sh [--boots N] [--accel tcg|kvm|auto] [--memory MIB] [--shared]
+#   tools/bench/boot.sh [--backend qemu|vmm] [--boots N] [--accel tcg|kvm|auto] [--memory MIB] [--shared]
 #                       [--guest-dir DIR]
 #
 # Needs root, the installed guest image (tools/lib/paths.sh) and the VM
@@ -14,7 +16,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=tools/lib/paths.sh
 source tools/lib/paths.sh
-cargo build -q -p nutshell-runtime --example boot-bench
+# PROFILE=release for figures worth comparing; BUILD=0 when built already.
+profile=${PROFILE:-debug}
+[[ ${BUILD:-1} == 0 ]] ||
+  cargo build -q --profile "$([[ $profile == debug ]] && echo dev || echo "$profile")" \
+    -p nutshell-runtime --example boot-bench
 echo "host: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg); qemu: $(qemu-system-x86_64 --version | head -1)"
 echo "guest: $(cat "$NUTSHELL_GUEST_DIR/VERSION" 2>/dev/null || echo '?')"
-exec target/debug/examples/boot-bench "$@"
+exec "target/$profile/examples/boot-bench" "$@"

@@ -12,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${1:-20}
 BACKEND=${2:-auto}
-cargo build -q --release -p nutshell -p nutshell-vmm
+# BUILD=0 when built already (inside L1, where a build would crawl).
+[[ ${BUILD:-1} == 0 ]] || cargo build -q --release -p nutshell -p nutshell-vmm
 export PATH="$PWD/target/release:$PATH"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

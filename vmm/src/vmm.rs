@@ -21,7 +21,7 @@ use crate::config::{BootSource, SerialOutput, TapSource, VirtioDeviceConfig, VmC
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{
-    ConsoleWriter, SerialDevice, SerialInput, SharedTail, COM1_BASE, COM1_LEN,
+    Capped, ConsoleWriter, SerialDevice, SerialInput, SharedTail, COM1_BASE, COM1_LEN, FILE_LIMIT,
 };
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::fs::{Fs, FsError};
@@ -196,9 +196,9 @@ fn serial_sink(out: &SerialOutput) -> Result<Option<Box<dyn Write + Send>>, VmmE
     Ok(match out {
         SerialOutput::Stdout => Some(Box::new(std::io::stdout())),
         SerialOutput::File(p) => {
-            Some(Box::new(File::create(p).map_err(|e| {
-                VmmError::Host("create the serial output file", e)
-            })?))
+            let f =
+                File::create(p).map_err(|e| VmmError::Host("create the serial output file", e))?;
+            Some(Box::new(Capped::new(f, FILE_LIMIT)))
         }
         SerialOutput::Discard => None,
     })

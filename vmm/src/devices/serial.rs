@@ -102,6 +102,57 @@ impl Write for ConsoleWriter {
     }
 }
 
+/// Most bytes of console output a file takes: a guest that floods its
+/// console must not fill the host's disk. The tail keeps following the
+/// guest past it, so a dying guest still says what it printed last.
+pub const FILE_LIMIT: u64 = 16 << 20;
+
+/// A sink that takes `limit` bytes, then one line saying the rest is
+/// dropped, then nothing.
+pub struct Capped<W> {
+    inner: W,
+    left: u64,
+    limit: u64,
+    marked: bool,
+}
+
+impl<W: Write> Capped<W> {
+    /// `inner`, cut after `limit` bytes.
+    pub fn new(inner: W, limit: u64) -> Self {
+        Capped {
+            inner,
+            left: limit,
+            limit,
+            marked: false,
+        }
+    }
+}
+
+impl<W: Write> Write for Capped<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        if n > 0 {
+            self.inner.write_all(&buf[..n])?;
+            self.left -= n as u64;
+        }
+        if n < buf.len() && !self.marked {
+            self.marked = true;
+            writeln!(
+                self.inner,
+                "\n[nutshell-vmm: the console passed {} bytes; the rest is dropped]",
+                self.limit
+            )?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Raises the serial IRQ through an irqfd.
 pub struct EventFdTrigger(EventFd);
 
@@ -257,6 +308,19 @@ mod tests {
         assert_eq!(l.last().unwrap(), "partial");
         t.push(&vec![b'x'; 10_000]);
         assert_eq!(t.lines().last().unwrap().len(), MAX_LINE);
+    }
+
+    #[test]
+    fn a_capped_sink_stops_after_its_limit_with_one_marker() {
+        let mut c = Capped::new(Vec::new(), 10);
+        for _ in 0..100 {
+            assert_eq!(c.write(b"abcd").unwrap(), 4, "the guest is never blocked");
+        }
+        let text = String::from_utf8(c.inner).unwrap();
+        assert_eq!(
+            text,
+            "abcdabcdab\n[nutshell-vmm: the console passed 10 bytes; the rest is dropped]\n"
+        );
     }
 
     #[test]
