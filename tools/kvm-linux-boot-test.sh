@@ -10,7 +10,7 @@
 #   tools/kvm-linux-boot-test.sh        exit 0: passed or skipped; 1: failed
 #   RUNS=10 (default)                   boots measured for start to agent-ready
 #   PROFILE=release (default) | debug   which cargo profile to build and run
-#   PREBUILT=1                          build nothing: that profile's binaries exist
+#   BUILD=0                             build nothing: that profile's binaries exist
 #
 # What it proves on a capable host, in order:
 #  1. nutshell-vmm alone: the kernel boots through PVH with our memory map
@@ -32,7 +32,7 @@ RUNS=${RUNS:-10}
 
 # The verdict from a debug build (what `cargo test` already built); the
 # measured binaries are $PROFILE builds (release unless told), made only where the test runs.
-[[ ${PREBUILT:-} == 1 ]] || cargo build -q -p nutshell
+[[ ${BUILD:-1} == 0 ]] || cargo build -q -p nutshell
 
 check=$(target/debug/nutshell check --guest-dir "$GUEST_DIR" || true)
 kvm_line=$(grep -E '^[a-z]+ +kvm ' <<<"$check" || true)
@@ -69,9 +69,9 @@ case $profile in
   debug) profile_flag=() ;;
   *) fail "PROFILE must be release or debug, not $profile" ;;
 esac
-# PREBUILT=1: the binaries exist already (tools/nested-suite.sh: cargo
+# BUILD=0, as tools/bench/ takes it: the binaries exist already (nested-suite.sh: cargo
 # under emulation spends minutes only to find nothing to do).
-if [[ ${PREBUILT:-} != 1 ]]; then
+if [[ ${BUILD:-1} != 0 ]]; then
   cargo build -q "${profile_flag[@]}" -p nutshell -p nutshell-vmm
   # The runtime's own agent client: it waits for the agent and prints its
   # Health reply with the milliseconds since a given start (runtime/examples/).

@@ -27,7 +27,7 @@ grep -q '^backend vmm' <<<"$check" || fail "auto does not pick vmm here:
 $check"
 
 step "tools/kvm-linux-boot-test.sh (PROFILE=debug, RUNS=${RUNS:-3})"
-out=$(RUNS=${RUNS:-3} PROFILE=debug PREBUILT=1 tools/kvm-linux-boot-test.sh 2>&1) ||
+out=$(RUNS=${RUNS:-3} PROFILE=debug BUILD=0 tools/kvm-linux-boot-test.sh 2>&1) ||
   { echo "$out"; fail "the boot test failed"; }
 echo "$out"
 # Here KVM runs Linux: a skip would hide a broken probe.
