@@ -120,10 +120,10 @@ cargo_tool_pids=()
 # containerd (own root, state and socket), so nothing of the machine's is
 # restarted.
 if [[ $MODE == all ]]; then
-  step "binaries: containerd-shim-nutshell-v2, nutshell-vmm, nutshell -> /usr/local/bin"
+  step "binaries: containerd-shim-nutshell-v2, nutshell-vmm, nutshell, nutshell-runc -> /usr/local/bin"
   cargo build --release -p nutshell-runtime --bin containerd-shim-nutshell-v2 \
-    -p nutshell-vmm --bin nutshell-vmm -p nutshell --bin nutshell
-  for bin in containerd-shim-nutshell-v2 nutshell-vmm nutshell; do
+    -p nutshell-vmm --bin nutshell-vmm -p nutshell --bin nutshell -p nutshell-runc --bin nutshell-runc
+  for bin in containerd-shim-nutshell-v2 nutshell-vmm nutshell nutshell-runc; do
     install -m 0755 "target/release/$bin" "/usr/local/bin/$bin"
   done
 

@@ -6,7 +6,8 @@ use containerd_shim_protos::ttrpc::context::Context;
 
 /// The publisher and the namespace every event is published in.
 pub struct Events {
-    /// `None` only in unit tests, which record topics instead.
+    /// `None` in unit tests, which record topics instead, and where no
+    /// containerd listens ([`Self::unpublished`]).
     publisher: Option<RemotePublisher>,
     namespace: String,
     #[cfg(test)]
@@ -32,14 +33,21 @@ impl Events {
         }
     }
 
-    /// Events that are only recorded ([`Self::topics`]).
-    #[cfg(test)]
-    pub fn recorded(namespace: &str) -> Self {
+    /// Events that go nowhere: a front door without containerd
+    /// (`nutshell-runc`) has no one to tell.
+    pub fn unpublished(namespace: &str) -> Self {
         Self {
             publisher: None,
             namespace: namespace.to_string(),
+            #[cfg(test)]
             recorded: std::sync::Mutex::default(),
         }
+    }
+
+    /// Events that are only recorded ([`Self::topics`]).
+    #[cfg(test)]
+    pub fn recorded(namespace: &str) -> Self {
+        Self::unpublished(namespace)
     }
 
     /// The topics published so far.

@@ -225,7 +225,8 @@ pub fn kill_recorded(record: &PodRecord, wait: Duration) -> Vec<ProcessRecord> {
     }
 }
 
-fn is_zombie(pid: u32) -> bool {
+/// Whether `pid` has exited and waits to be reaped.
+pub fn is_zombie(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
