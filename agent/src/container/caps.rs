@@ -72,7 +72,16 @@ pub fn apply(process: &Process) -> InitResult<()> {
     caps::clear(None, CapSet::Ambient)
         .map_err(|e| InitError::internal(format!("clearing the ambient capabilities: {e}")))?;
     if ambient != empty {
-        for cap in &ambient {
+        // The kernel lets a capability be ambient only while it is both
+        // permitted and inheritable. Specs often list ambient ones outside
+        // those sets (`runc spec` does, with an empty inheritable set), and
+        // runc skips such a capability with a warning rather than failing
+        // the container: so do we, without the warning, which would land
+        // in the container's stderr.
+        for cap in ambient
+            .iter()
+            .filter(|c| permitted.contains(c) && inheritable.contains(c))
+        {
             caps::raise(None, CapSet::Ambient, *cap)
                 .map_err(|e| InitError::internal(format!("raising ambient {cap}: {e}")))?;
         }
