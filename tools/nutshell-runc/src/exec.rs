@@ -122,7 +122,9 @@ pub fn exec(g: &Globals, root: &Root, args: &ExecArgs) -> Result<()> {
             process_json,
             terminal: terminal && args.console_socket.is_none(),
         };
-        let exit = runtime()?.block_on(exec_process(root, &args.id, &job, None))?;
+        // Not dropped before the exit: see standin::main.
+        let rt = runtime()?;
+        let exit = rt.block_on(exec_process(root, &args.id, &job, None))?;
         exit_like(exit);
     }
     // The detached stand-in reads the process from a file beside the state.

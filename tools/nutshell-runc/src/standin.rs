@@ -81,14 +81,18 @@ pub fn main(root: &Root, config: Option<&Path>, id: &str, exec: Option<ExecJob>)
     // SAFETY: `create`/`exec` put the sync socket on fd 3 for us alone;
     // nothing else in this process owns it.
     let sync = UnixStream::from(unsafe { OwnedFd::from_raw_fd(SYNC_FD) });
-    let outcome = match runtime() {
+    // The runtime is never dropped: a dropped runtime waits for its
+    // blocking threads, and the stdin relay's may sit in a read of a
+    // terminal nobody writes to. The process exits from here instead.
+    let rt = runtime();
+    let outcome = match &rt {
         Ok(rt) => rt.block_on(async {
             match exec {
                 None => init(root, config, id, sync).await,
                 Some(job) => exec_process(root, id, &job, Some(sync)).await,
             }
         }),
-        Err(e) => Err(e),
+        Err(e) => Err(anyhow!("{e:#}")),
     };
     match outcome {
         Ok(exit) => exit_like(exit),
@@ -161,6 +165,7 @@ async fn init(root: &Root, config: Option<&Path>, id: &str, mut sync: UnixStream
             bail!(error);
         }
     };
+    let signals = Forwarder::install(terminal);
     let relays = Relays::start(&agent, id, "", terminal);
     reply(
         &mut sync,
@@ -178,7 +183,7 @@ async fn init(root: &Root, config: Option<&Path>, id: &str, mut sync: UnixStream
                 .unwrap_or(false)
         }
     };
-    let exit = serve(&agent, id, "", relays, terminal, started).await;
+    let exit = serve(&agent, id, "", relays, signals, started).await;
     record_exit(root, id, exit);
     // `pod` is dropped with the process: the VM dies with us (see above).
     drop(pod);
@@ -309,6 +314,7 @@ pub async fn exec_process(
             return Err(e);
         }
     };
+    let signals = Forwarder::install(job.terminal);
     let relays = Relays::start(&agent, id, &job.exec_id, job.terminal);
     if let Some(mut s) = sync {
         reply(
@@ -319,7 +325,44 @@ pub async fn exec_process(
             },
         );
     }
-    Ok(serve(&agent, id, &job.exec_id, relays, job.terminal, || true).await)
+    Ok(serve(&agent, id, &job.exec_id, relays, signals, || true).await)
+}
+
+/// The signals a stand-in passes on. Installed before the stand-in
+/// answers, so that none sent once the caller knows its pid is lost; with
+/// a terminal, the terminal is taken first, so its size changes come too.
+struct Forwarder {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Signal>,
+    terminal: bool,
+}
+
+impl Forwarder {
+    fn install(terminal: bool) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut kinds: Vec<Signal> = FORWARDED.to_vec();
+        if terminal {
+            kinds.push(Signal::SIGWINCH);
+            if let Err(e) = console::take_terminal(std::io::stdin().as_fd()) {
+                tracing::warn!(error = %e, "the terminal cannot be made the stand-in's");
+            }
+        }
+        for sig in kinds {
+            match signal(SignalKind::from_raw(sig as i32)) {
+                Ok(mut s) => {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        while s.recv().await.is_some() {
+                            if tx.send(sig).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!(signal = %sig, error = %e, "cannot forward this signal"),
+            }
+        }
+        Self { rx, terminal }
+    }
 }
 
 /// Waits for the guest process, forwarding signals (before `started()`,
@@ -330,32 +373,11 @@ async fn serve(
     cid: &str,
     exec_id: &str,
     relays: Relays,
-    terminal: bool,
+    mut signals: Forwarder,
     started: impl Fn() -> bool,
 ) -> Exit {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut kinds: Vec<Signal> = FORWARDED.to_vec();
-    if terminal {
-        kinds.push(Signal::SIGWINCH);
-        if let Err(e) = console::take_terminal(std::io::stdin().as_fd()) {
-            tracing::warn!(error = %e, "the terminal cannot be made the stand-in's");
-        }
+    if signals.terminal {
         resize(agent, cid, exec_id).await;
-    }
-    for sig in kinds {
-        match signal(SignalKind::from_raw(sig as i32)) {
-            Ok(mut s) => {
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    while s.recv().await.is_some() {
-                        if tx.send(sig).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-            Err(e) => tracing::warn!(signal = %sig, error = %e, "cannot forward this signal"),
-        }
     }
     let wait = agent.wait_process(cid, exec_id);
     tokio::pin!(wait);
@@ -368,7 +390,7 @@ async fn serve(
                     Exit { status: VM_GONE_STATUS, signal: 0 }
                 }
             },
-            Some(sig) = rx.recv() => {
+            Some(sig) = signals.rx.recv() => {
                 if sig == Signal::SIGWINCH {
                     resize(agent, cid, exec_id).await;
                 } else if !started() {
