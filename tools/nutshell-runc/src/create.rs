@@ -18,6 +18,7 @@ use nix::sched::CloneFlags;
 use crate::bundle::{Bundle, HookKind, NetPlan};
 use crate::console;
 use crate::hooks;
+use crate::host_cgroup;
 use crate::standin::{Ready, SYNC_FD};
 use crate::state::{now_rfc3339, Locked, Record, Root, Status};
 use crate::Globals;
@@ -177,6 +178,9 @@ pub fn create(g: &Globals, root: &Root, args: &CreateArgs) -> Result<Child> {
         // The stand-in undoes its own VM before it answers with an error;
         // what a killed one left, delete's clean-up takes.
         crate::verbs::clean_up(root, &args.id, None);
+        if let Ok(rec) = locked.load() {
+            host_cgroup::remove(&rec.host_cgroups);
+        }
         let _ = locked.remove();
         return Err(e);
     }
@@ -219,7 +223,21 @@ fn create_locked(
             .collect(),
         agent_socket: None,
         exit: None,
+        host_cgroups: Vec::new(),
     };
+    let cgroups_path = bundle
+        .spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().clone());
+    if let Some(dirs) = cgroups_path.as_deref().and_then(host_cgroup::dirs) {
+        // Recorded first, so that delete removes what a failure left.
+        rec.host_cgroups = dirs;
+        locked.save(&rec)?;
+        if let Err(e) = host_cgroup::join(&rec.host_cgroups, pid) {
+            tracing::warn!(error = %e, "the VM's host processes stay in the caller's cgroup");
+        }
+    }
     locked.save(&rec)?;
     let state = rec.oci_state();
     for kind in [HookKind::CreateRuntime, HookKind::Prestart] {

@@ -7,6 +7,7 @@ mod console;
 mod create;
 mod exec;
 mod hooks;
+mod host_cgroup;
 mod log;
 mod relay;
 mod standin;

@@ -101,6 +101,9 @@ pub struct Record {
     /// The VM's agent (hybrid vsock Unix socket), once the VM runs.
     pub agent_socket: Option<PathBuf>,
     pub exit: Option<Exit>,
+    /// The host cgroups the stand-in (and so the VM) was put in.
+    #[serde(default)]
+    pub host_cgroups: Vec<PathBuf>,
 }
 
 impl Record {
@@ -348,6 +351,7 @@ mod tests {
             annotations: BTreeMap::new(),
             agent_socket: None,
             exit: None,
+            host_cgroups: Vec::new(),
         }
     }
 

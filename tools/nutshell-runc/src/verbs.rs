@@ -17,6 +17,7 @@ use oci_spec::runtime::LinuxResources;
 
 use crate::bundle::{Bundle, HookKind};
 use crate::hooks;
+use crate::host_cgroup;
 use crate::standin::{dial, runtime};
 use crate::state::{Record, Root, StateError, Status};
 
@@ -125,6 +126,9 @@ pub fn delete(root: &Root, id: &str, force: bool) -> Result<()> {
         bundle = Bundle::load(&rec.bundle).ok();
     }
     clean_up(root, id, rec.as_ref().map(|r| (r, bundle.as_ref())));
+    if let Some(rec) = &rec {
+        host_cgroup::remove(&rec.host_cgroups);
+    }
     locked.remove()?;
     Ok(())
 }

@@ -215,16 +215,28 @@ fn reap(pid: u32) -> WaitStatus {
 #[test]
 fn the_lifecycle_follows_the_oci_runtime_spec() {
     let Some(s) = setup() else { return };
-    s.write_spec(&spec(
+    let mut sp = spec(
         &[
             "sh",
             "-c",
             "trap 'echo got-term; exit 3' TERM; echo started; while true; do sleep 0.1; done",
         ],
         false,
-    ));
+    );
+    let cgroup = format!("/nutshell-runc-test-{}", std::process::id());
+    sp["linux"]["cgroupsPath"] = json!(cgroup);
+    s.write_spec(&sp);
     let out = s.tmp.path().join("c1.out");
     let pid = s.create("c1", &out, Stdio::null());
+    // The stand-in, and with it the VM, sits in the container's cgroup on
+    // the host, where engines read stats.
+    let memberships = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        memberships
+            .lines()
+            .any(|l| l.ends_with(&format!(":{cgroup}"))),
+        "{memberships}"
+    );
     let st = s.state("c1");
     assert_eq!(st["status"], "created");
     assert_eq!(st["pid"], pid);
@@ -273,6 +285,13 @@ fn the_lifecycle_follows_the_oci_runtime_spec() {
     let text = std::fs::read_to_string(&out).unwrap();
     assert_eq!(text, "started\ngot-term\n");
     s.ok(&["delete", "c1"]);
+    let left: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .flatten()
+        .map(|h| h.path().join(cgroup.trim_start_matches('/')))
+        .filter(|d| d.exists())
+        .collect();
+    assert_eq!(left, Vec::<PathBuf>::new(), "host cgroups left");
     assert!(s
         .fails(&["state", "c1"])
         .contains("container c1 does not exist"));
