@@ -155,19 +155,36 @@ enum Sink {
     File(Arc<Mutex<tokio::fs::File>>),
 }
 
-impl Sink {
+/// Where a relay writes a guest process's output.
+#[async_trait::async_trait]
+pub trait OutputSink: Send {
+    async fn write_all(&mut self, data: &[u8]) -> io::Result<()>;
+}
+
+#[async_trait::async_trait]
+impl OutputSink for Sink {
     async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         match self {
             Self::Discard => Ok(()),
             Self::Pipe(p) => p.write_all(data).await,
-            Self::File(f) => f.lock().await.write_all(data).await,
+            Self::File(f) => AsyncWriteExt::write_all(&mut *f.lock().await, data).await,
         }
+    }
+}
+
+/// An fd given to the runtime (nutshell-runc's stdio): flushed after each
+/// chunk, since tokio's `File` buffers.
+#[async_trait::async_trait]
+impl OutputSink for tokio::fs::File {
+    async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        AsyncWriteExt::write_all(self, data).await?;
+        self.flush().await
     }
 }
 
 /// Which output stream of a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stream {
+pub enum Stream {
     Stdout,
     Stderr,
 }
@@ -358,12 +375,14 @@ fn open_output(t: &OutputTarget) -> Result<Sink, StdioError> {
     }
 }
 
-async fn relay_output(
+/// Copies one output stream of process `exec_id` of container `cid` from
+/// the agent to `sink` until its end-of-file, counting bytes in `progress`.
+pub async fn relay_output(
     agent: AgentClient,
     cid: String,
     exec_id: String,
     stream: Stream,
-    mut sink: Sink,
+    mut sink: impl OutputSink,
     progress: Arc<AtomicU64>,
 ) {
     loop {
@@ -411,11 +430,14 @@ async fn relay_stdin(
     }
 }
 
-async fn copy_stdin(
+/// Copies `fifo` to the stdin of process `exec_id` of container `cid`
+/// until its end-of-file (a pty's EIO counts as one) or `close`; the
+/// caller sends CloseStdin.
+pub async fn copy_stdin(
     agent: &AgentClient,
     cid: &str,
     exec_id: &str,
-    mut fifo: pipe::Receiver,
+    mut fifo: impl tokio::io::AsyncRead + Unpin,
     close: &mut watch::Receiver<bool>,
     progress: &AtomicU64,
 ) {
@@ -424,6 +446,8 @@ async fn copy_stdin(
         let n = tokio::select! {
             r = fifo.read(&mut buf) => match r {
                 Ok(n) => n,
+                // A pty whose other side closed.
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => 0,
                 Err(e) => {
                     tracing::warn!(%cid, %exec_id, error = %e, "cannot read stdin");
                     0

@@ -5,19 +5,18 @@
 //! The fds are whatever the caller gave `create`: pipes (Docker's runc
 //! shim, conmon), FIFOs, files, `/dev/null` or a pty slave. Regular files
 //! and `/dev/null` cannot be polled, so each fd is driven through tokio's
-//! blocking file wrapper rather than `AsyncFd`. The shim's relays
-//! (`nutshell_runtime::shim::stdio`) open containerd's FIFO paths instead;
-//! what both share is the agent's pull protocol.
+//! blocking `File` rather than `AsyncFd`. The copying itself is the shim's
+//! (`nutshell_runtime::shim::stdio`), which opens containerd's FIFO paths
+//! where this has fds.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nutshell_runtime::agent::AgentClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use nutshell_runtime::shim::stdio::{copy_stdin, relay_output, Stream};
 use tokio::task::JoinHandle;
-
-/// Largest chunk asked of the agent or read from stdin at once.
-const CHUNK: u32 = 256 * 1024;
 
 /// The running relays of one process.
 pub struct Relays {
@@ -25,41 +24,49 @@ pub struct Relays {
     stdin: Option<JoinHandle<()>>,
 }
 
+/// A copy of our fd `n` as an async file.
+fn dup(n: i32) -> Option<tokio::fs::File> {
+    // SAFETY: fds 0–2 are open for the process's whole life (the caller's
+    // stdio); they are only borrowed for the dup.
+    let fd = unsafe { BorrowedFd::borrow_raw(n) };
+    let owned: OwnedFd = fd.as_fd().try_clone_to_owned().ok()?;
+    Some(tokio::fs::File::from_std(std::fs::File::from(owned)))
+}
+
 impl Relays {
     /// Starts relaying this process's fds 0–2 for process `exec_id` of
     /// container `cid`.
     pub fn start(agent: &AgentClient, cid: &str, exec_id: &str, terminal: bool) -> Self {
-        let dup = |n: i32| -> Option<tokio::fs::File> {
-            // SAFETY: fds 0–2 are open for the process's whole life (the
-            // caller's stdio); they are only borrowed for the dup.
-            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(n) };
-            let owned: OwnedFd = fd.as_fd().try_clone_to_owned().ok()?;
-            Some(tokio::fs::File::from_std(std::fs::File::from(owned)))
-        };
-        let mut outputs = Vec::new();
+        let progress = Arc::new(AtomicU64::new(0));
         let streams: &[(Stream, i32)] = if terminal {
             &[(Stream::Stdout, 1)]
         } else {
             &[(Stream::Stdout, 1), (Stream::Stderr, 2)]
         };
-        for &(stream, fd) in streams {
-            if let Some(sink) = dup(fd) {
-                outputs.push(tokio::spawn(relay_output(
+        let outputs = streams
+            .iter()
+            .filter_map(|&(stream, fd)| {
+                let sink = dup(fd)?;
+                Some(tokio::spawn(relay_output(
                     agent.clone(),
                     cid.to_string(),
                     exec_id.to_string(),
                     stream,
                     sink,
-                )));
-            }
-        }
+                    progress.clone(),
+                )))
+            })
+            .collect();
         let stdin = dup(0).map(|src| {
-            tokio::spawn(relay_stdin(
-                agent.clone(),
-                cid.to_string(),
-                exec_id.to_string(),
-                src,
-            ))
+            let (agent, cid, exec_id) = (agent.clone(), cid.to_string(), exec_id.to_string());
+            tokio::spawn(async move {
+                // Never closed from our side: the caller's end-of-file is.
+                let (_keep, mut close) = tokio::sync::watch::channel(false);
+                copy_stdin(&agent, &cid, &exec_id, src, &mut close, &progress).await;
+                if let Err(e) = agent.close_stdin(&cid, &exec_id).await {
+                    tracing::debug!(%cid, %exec_id, error = %e, "CloseStdin");
+                }
+            })
         });
         Self { outputs, stdin }
     }
@@ -68,16 +75,14 @@ impl Relays {
     /// of the process may keep the pipes open), then stops every relay.
     pub async fn drain(mut self, limit: Duration) {
         let outputs = std::mem::take(&mut self.outputs);
-        let all = futures_join(outputs);
+        let all = async {
+            for h in outputs {
+                let _ = h.await;
+            }
+        };
         if tokio::time::timeout(limit, all).await.is_err() {
             tracing::warn!("output still open {limit:?} after the process ended; closing it");
         }
-    }
-}
-
-async fn futures_join(handles: Vec<JoinHandle<()>>) {
-    for h in handles {
-        let _ = h.await;
     }
 }
 
@@ -89,72 +94,5 @@ impl Drop for Relays {
         if let Some(h) = &self.stdin {
             h.abort();
         }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Stream {
-    Stdout,
-    Stderr,
-}
-
-async fn relay_output(
-    agent: AgentClient,
-    cid: String,
-    exec_id: String,
-    stream: Stream,
-    mut sink: tokio::fs::File,
-) {
-    loop {
-        let r = match stream {
-            Stream::Stdout => agent.read_stdout(&cid, &exec_id, CHUNK).await,
-            Stream::Stderr => agent.read_stderr(&cid, &exec_id, CHUNK).await,
-        };
-        let r = match r {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!(%cid, %exec_id, ?stream, error = %e, "output relay ends");
-                return;
-            }
-        };
-        if !r.data.is_empty() {
-            // tokio's File buffers: flush so each chunk leaves at once.
-            let w = async {
-                sink.write_all(&r.data).await?;
-                sink.flush().await
-            };
-            if let Err(e) = w.await {
-                tracing::warn!(%cid, %exec_id, ?stream, error = %e, "cannot write output");
-                return;
-            }
-        }
-        if r.eof {
-            return;
-        }
-    }
-}
-
-async fn relay_stdin(agent: AgentClient, cid: String, exec_id: String, mut src: tokio::fs::File) {
-    let mut buf = vec![0u8; CHUNK as usize];
-    'read: loop {
-        // A pty whose master closed reads EIO: that is its end-of-file.
-        let n = src.read(&mut buf).await.unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        let mut off = 0;
-        while off < n {
-            match agent.write_stdin(&cid, &exec_id, &buf[off..n]).await {
-                Ok(0) => tokio::time::sleep(Duration::from_millis(5)).await,
-                Ok(w) => off += w as usize,
-                Err(e) => {
-                    tracing::debug!(%cid, %exec_id, error = %e, "stdin relay ends");
-                    break 'read;
-                }
-            }
-        }
-    }
-    if let Err(e) = agent.close_stdin(&cid, &exec_id).await {
-        tracing::debug!(%cid, %exec_id, error = %e, "CloseStdin");
     }
 }
