@@ -225,6 +225,22 @@ fn the_lifecycle_follows_the_oci_runtime_spec() {
     );
     let cgroup = format!("/nutshell-runc-test-{}", std::process::id());
     sp["linux"]["cgroupsPath"] = json!(cgroup);
+    // Each host-side hook leaves the state it was given.
+    let hook = |kind: &str| {
+        let file = s.tmp.path().join(format!("{kind}.json"));
+        json!([{"path": "/bin/sh", "args": ["sh", "-c", format!("cat > {}", file.display())]}])
+    };
+    sp["hooks"] = json!({
+        "createRuntime": hook("createRuntime"),
+        "prestart": hook("prestart"),
+        "poststart": hook("poststart"),
+        "poststop": hook("poststop"),
+    });
+    let hook_state = |kind: &str| -> Value {
+        let text = std::fs::read_to_string(s.tmp.path().join(format!("{kind}.json")))
+            .unwrap_or_else(|e| panic!("the {kind} hook did not run: {e}"));
+        serde_json::from_str(&text).unwrap()
+    };
     s.write_spec(&sp);
     let out = s.tmp.path().join("c1.out");
     let pid = s.create("c1", &out, Stdio::null());
@@ -249,8 +265,18 @@ fn the_lifecycle_follows_the_oci_runtime_spec() {
         .fails(&["create", "--bundle", s.bundle.to_str().unwrap(), "c1"])
         .contains("already exists"));
 
+    for kind in ["createRuntime", "prestart"] {
+        let st = hook_state(kind);
+        assert_eq!(
+            (&st["id"], &st["pid"]),
+            (&json!("c1"), &json!(pid)),
+            "{kind}"
+        );
+        assert_eq!(st["status"], "creating", "{kind}");
+    }
     s.ok(&["start", "c1"]);
     assert_eq!(s.state("c1")["status"], "running");
+    assert_eq!(hook_state("poststart")["status"], "running");
     assert!(s
         .fails(&["start", "c1"])
         .contains("only a created container starts"));
@@ -285,6 +311,7 @@ fn the_lifecycle_follows_the_oci_runtime_spec() {
     let text = std::fs::read_to_string(&out).unwrap();
     assert_eq!(text, "started\ngot-term\n");
     s.ok(&["delete", "c1"]);
+    assert_eq!(hook_state("poststop")["status"], "stopped");
     let left: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
         .unwrap()
         .flatten()
