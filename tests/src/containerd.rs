@@ -57,7 +57,20 @@ pub fn serial() -> MutexGuard<'static, ()> {
 /// The built shim: `$NUTSHELL_SHIM_BIN`, else the workspace's debug or
 /// release build.
 pub fn shim_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("NUTSHELL_SHIM_BIN") {
+    built_binary("NUTSHELL_SHIM_BIN", "containerd-shim-nutshell-v2")
+}
+
+/// The built runc-compatible CLI that Docker and Podman run
+/// (`cargo build -p nutshell-runc`): `$NUTSHELL_RUNC_BIN`, else the
+/// workspace's debug or release build.
+pub fn runc_cli_binary() -> Option<PathBuf> {
+    built_binary("NUTSHELL_RUNC_BIN", "nutshell-runc")
+}
+
+/// `$env` when set, else `name` from the workspace's debug or release
+/// build (under `$CARGO_TARGET_DIR` when set).
+fn built_binary(env: &str, name: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
         return Some(PathBuf::from(p));
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -65,7 +78,7 @@ pub fn shim_binary() -> Option<PathBuf> {
         .unwrap_or_else(|| workspace_root().join("target"));
     ["debug", "release"]
         .iter()
-        .map(|p| target.join(p).join("containerd-shim-nutshell-v2"))
+        .map(|p| target.join(p).join(name))
         .find(|p| p.is_file())
 }
 

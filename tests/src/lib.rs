@@ -8,6 +8,7 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod engines;
 pub mod netns;
 
 use std::fs;
