@@ -200,6 +200,27 @@ pub fn build_vsock_probe(dest: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The nearest-rank `p`th percentile of `xs` in milliseconds (sorts
+/// `xs`), for the benchmarks (`tests/examples/`).
+pub fn percentile_ms(xs: &mut [std::time::Duration], p: usize) -> f64 {
+    xs.sort_unstable();
+    let i = (xs.len() * p).div_ceil(100).clamp(1, xs.len()) - 1;
+    xs[i].as_secs_f64() * 1000.0
+}
+
+/// "N CPUs, load A B C": the machine a benchmark ran on.
+pub fn host_summary() -> String {
+    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    format!(
+        "{} CPUs, load {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
