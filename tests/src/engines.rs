@@ -574,13 +574,28 @@ pub fn run_check(kind: Kind, runtime: Runtime, check: fn(&Engine)) {
 
 /// For each named check of [`checks`], a module of two tests running it on
 /// a fresh engine `Kind::$kind`: `runc` (the control) and `nutshell`.
+/// Without names, the checks every engine runs.
 ///
 /// ```ignore
-/// nutshell_tests::engine_tests!(Podman => run_rm_exit_code, tty);
-/// // cargo test --test engine_podman -- tty::runc
+/// nutshell_tests::engine_tests!(Docker);
+/// nutshell_tests::engine_tests!(Docker => stats);
+/// // cargo test --test engine_docker -- tty::runc
 /// ```
 #[macro_export]
 macro_rules! engine_tests {
+    ($kind:ident) => {
+        $crate::engine_tests!($kind =>
+            run_rm_exit_code,
+            stdin_piped,
+            tty,
+            exec,
+            stop_kills_after_the_timeout,
+            volume_read_write,
+            read_only_root,
+            kernel_and_runtime,
+            bridge_network,
+        );
+    };
     ($kind:ident => $($check:ident),+ $(,)?) => {$(
         mod $check {
             use $crate::engines::{checks, run_check, Kind, Runtime};
@@ -615,16 +630,10 @@ mod tests {
 
     #[test]
     fn the_scripts_name_the_same_image_and_page() {
-        let script = include_str!("../../tools/lib/test-images.sh");
-        for line in [
+        crate::assert_test_images_script_says(&[
             format!("NS_ENGINE_IMAGE={IMAGE}"),
             format!("NS_WWW_PAGE={WWW_PAGE}"),
-        ] {
-            assert!(
-                script.lines().any(|l| l == line),
-                "tools/lib/test-images.sh must say {line}"
-            );
-        }
+        ]);
     }
 
     #[test]

@@ -31,9 +31,7 @@ pub fn run_rm_exit_code(e: &Engine) {
             "test -t 1 || echo no-tty; echo out; echo err >&2; exit 7",
         ],
     );
-    assert_eq!(out.status.code(), Some(7), "{}", describe(e, &out));
-    assert_eq!(text(&out.stdout), "no-tty\nout\n");
-    assert!(text(&out.stderr).contains("err"), "{}", describe(e, &out));
+    assert_output(e, &out, 7, "no-tty\nout\n", "err");
 }
 
 /// `run -i`: piped stdin reaches the command, and its end closes the
@@ -73,7 +71,7 @@ pub fn tty(e: &Engine) {
 /// execs share the container's filesystem, and its PID 1 is the
 /// container's command.
 pub fn exec(e: &Engine) {
-    e.ok(&e.run_args(&["-d", "--name", "box", NO_NET], &["sleep", "1000000"]));
+    start_sleeper(e, "box");
     let out = e.output(&[
         "exec",
         "box",
@@ -81,13 +79,7 @@ pub fn exec(e: &Engine) {
         "-c",
         "echo exec-out; echo exec-err >&2; exit 3",
     ]);
-    assert_eq!(out.status.code(), Some(3), "{}", describe(e, &out));
-    assert_eq!(text(&out.stdout), "exec-out\n");
-    assert!(
-        text(&out.stderr).contains("exec-err"),
-        "{}",
-        describe(e, &out)
-    );
+    assert_output(e, &out, 3, "exec-out\n", "exec-err");
     e.ok(&["exec", "box", "sh", "-c", "echo shared > /tmp/f"]);
     assert_eq!(e.ok(&["exec", "box", "cat", "/tmp/f"]), "shared\n");
     let init = e.ok(&["exec", "box", "cat", "/proc/1/cmdline"]);
@@ -148,13 +140,7 @@ pub fn volume_read_write(e: &Engine) {
 pub fn read_only_root(e: &Engine) {
     let probe = "touch /probe && echo wrote";
     let out = e.run(&["--rm", NO_NET, "--read-only"], &["sh", "-c", probe]);
-    assert_eq!(out.status.code(), Some(1), "{}", describe(e, &out));
-    assert_eq!(text(&out.stdout), "");
-    assert!(
-        text(&out.stderr).contains("Read-only file system"),
-        "{}",
-        describe(e, &out)
-    );
+    assert_output(e, &out, 1, "", "Read-only file system");
     let out = e.run(&["--rm", NO_NET], &["sh", "-c", probe]);
     assert!(out.status.success(), "{}", describe(e, &out));
     assert_eq!(text(&out.stdout), "wrote\n");
@@ -217,7 +203,7 @@ pub fn bridge_network(e: &Engine) {
 /// `docker stats --no-stream`: one sample of a running container, with
 /// memory in use and at least its one process.
 pub fn stats(e: &Engine) {
-    e.ok(&e.run_args(&["-d", "--name", "busy", NO_NET], &["sleep", "1000000"]));
+    start_sleeper(e, "busy");
     let line = e.ok(&[
         "stats",
         "--no-stream",
@@ -234,6 +220,11 @@ pub fn stats(e: &Engine) {
     assert!(pids >= 1, "{line:?}");
 }
 
+/// Starts container `name` running `sleep`, detached.
+fn start_sleeper(e: &Engine, name: &str) {
+    e.ok(&e.run_args(&["-d", "--name", name, NO_NET], &["sleep", "1000000"]));
+}
+
 /// `inspect -f FORMAT NAME`, trimmed.
 fn inspect(e: &Engine, name: &str, format: &str) -> String {
     e.ok(&["inspect", "-f", format, name]).trim().to_string()
@@ -246,6 +237,18 @@ fn wait_for_log(e: &Engine, name: &str, needle: &str) {
         assert!(Instant::now() < deadline, "{name} never logged {needle:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Asserts `out` exited with `code`, printed `stdout` and said `stderr_has`
+/// on stderr.
+fn assert_output(e: &Engine, out: &Output, code: i32, stdout: &str, stderr_has: &str) {
+    assert_eq!(out.status.code(), Some(code), "{}", describe(e, out));
+    assert_eq!(text(&out.stdout), stdout, "{}", describe(e, out));
+    assert!(
+        text(&out.stderr).contains(stderr_has),
+        "{}",
+        describe(e, out)
+    );
 }
 
 /// A command's status and output, and the engine's log, for a message.

@@ -5,6 +5,7 @@ use std::fs;
 use std::io;
 
 use super::Engine;
+use crate::netns::bridge_network_conflist;
 
 impl Engine {
     /// `nsenter --net=NETNS podman` and the options that make it private.
@@ -75,28 +76,12 @@ impl Engine {
         // keeps it here.
         fs::write(
             self.dir.join("cni/podman.conflist"),
-            format!(
-                r#"{{
-  "cniVersion": "0.4.0",
-  "name": "podman",
-  "plugins": [
-    {{
-      "type": "bridge",
-      "bridge": "cni-podman0",
-      "isGateway": true,
-      "ipMasq": false,
-      "hairpinMode": true,
-      "ipam": {{
-        "type": "host-local",
-        "dataDir": "{}",
-        "routes": [{{ "dst": "0.0.0.0/0" }}],
-        "ranges": [[{{ "subnet": "{PODMAN_SUBNET}", "gateway": "{PODMAN_GATEWAY}" }}]]
-      }}
-    }}
-  ]
-}}
-"#,
-                self.dir.join("cni-ipam").display()
+            bridge_network_conflist(
+                "podman",
+                "cni-podman0",
+                PODMAN_SUBNET,
+                PODMAN_GATEWAY,
+                &self.dir.join("cni-ipam"),
             ),
         )
     }
