@@ -33,16 +33,54 @@ APT_PACKAGES=(
   containerd containernetworking-plugins iproute2 procps psmisc
 )
 
+# missing_packages NAME...: sets `missing` to those of NAME not installed.
+missing_packages() {
+  local p
+  missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+}
+
 step "apt packages"
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
+missing_packages "${APT_PACKAGES[@]}"
 if ((${#missing[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 else
   echo "all ${#APT_PACKAGES[@]} present"
+fi
+
+# Docker and Podman, for the engine tests (tests/tests/engine_*.rs) and
+# tools/bench/engines.sh, which start private instances of their own. The
+# packages' maintainer scripts would enable and start the machine's
+# dockerd and podman services: a policy-rc.d that denies every start covers
+# the install (unless the machine has one already), and the units are
+# disabled afterwards, so nothing runs or starts at boot because of this.
+ENGINE_PACKAGES=(podman docker.io)
+ENGINE_UNITS=(docker.service docker.socket podman.service podman.socket
+  podman-restart.service podman-auto-update.service podman-auto-update.timer)
+step "container engines: ${ENGINE_PACKAGES[*]}"
+missing_packages "${ENGINE_PACKAGES[@]}"
+if ((${#missing[@]})); then
+  policy=
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\n# tools/setup.sh, while it installs %s\nexit 101\n' "${missing[*]}" >"$policy"
+    chmod 0755 "$policy"
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" ||
+    { [[ -z $policy ]] || rm -f "$policy"; exit 1; }
+  [[ -z $policy ]] || rm -f "$policy"
+  # Offline too: systemctl edits the links without a running systemd.
+  systemctl disable --quiet "${ENGINE_UNITS[@]}" 2>/dev/null || true
+  if [[ -d /run/systemd/system ]]; then
+    systemctl stop "${ENGINE_UNITS[@]}" 2>/dev/null || true
+  fi
+  [[ ! -e /etc/init.d/docker ]] || update-rc.d docker disable >/dev/null 2>&1 || true
+else
+  echo "${ENGINE_PACKAGES[*]} present"
 fi
 
 # The vhost-user backends QEMU needs (vsock and virtio-fs) come from

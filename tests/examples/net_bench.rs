@@ -18,6 +18,7 @@ use k8s_cri::v1::NamespaceMode;
 use nutshell_tests::containerd::{test_nutshell_config, NUTSHELL_HANDLER};
 use nutshell_tests::cri::{pod_config, Cri};
 use nutshell_tests::netns::{http_get, start_net_test, NetTest, IO_TIMEOUT, NODE_IP};
+use nutshell_tests::{host_summary, percentile_ms};
 
 /// What the pod serves: httpd on port 80, and an echo on port 7.
 const SERVE: &str = "mkdir -p /www && echo ok > /www/index.html && httpd -p 80 -h /www \
@@ -29,12 +30,6 @@ struct Figures {
     mib_per_s: f64,
     echo: Vec<Duration>,
     get: Vec<Duration>,
-}
-
-fn percentile_ms(xs: &mut [Duration], p: usize) -> f64 {
-    xs.sort_unstable();
-    let i = (xs.len() * p).div_ceil(100).clamp(1, xs.len()) - 1;
-    xs[i].as_secs_f64() * 1000.0
 }
 
 /// Accepts one connection on `listener` and reads `bytes` from it; the
@@ -171,14 +166,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let Some(t) = start_net_test(&test_nutshell_config("")) else {
         return Err("a prerequisite is missing (see SKIP above)".into());
     };
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "host: {} CPUs, load {}; nutshell pods: QEMU/TCG, the tests' config (256 MiB)",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
+        "host: {}; nutshell pods: QEMU/TCG, the tests' config (256 MiB)",
+        host_summary()
     );
     println!("pod -> node: {mib} MiB with dd | nc; node -> pod: {rounds} round trips each\n");
     let mut figures = Vec::new();

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use crate::netns::{bridge_conflist, TestNetns};
 use crate::{
-    guest_dir, is_root, require, run_ok, test_images_script, which, workspace_root, BUSYBOX,
+    guest_dir, is_root, require, run_ok, start_daemon, terminate, test_images_script, which,
+    workspace_root, BUSYBOX,
 };
 use containerd_shim_protos::api::ConnectRequest;
 use containerd_shim_protos::shim_sync::{Client, TaskClient};
@@ -57,7 +58,20 @@ pub fn serial() -> MutexGuard<'static, ()> {
 /// The built shim: `$NUTSHELL_SHIM_BIN`, else the workspace's debug or
 /// release build.
 pub fn shim_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("NUTSHELL_SHIM_BIN") {
+    built_binary("NUTSHELL_SHIM_BIN", "containerd-shim-nutshell-v2")
+}
+
+/// The built runc-compatible CLI that Docker and Podman run
+/// (`cargo build -p nutshell-runc`): `$NUTSHELL_RUNC_BIN`, else the
+/// workspace's debug or release build.
+pub fn runc_cli_binary() -> Option<PathBuf> {
+    built_binary("NUTSHELL_RUNC_BIN", "nutshell-runc")
+}
+
+/// `$env` when set, else `name` from the workspace's debug or release
+/// build (under `$CARGO_TARGET_DIR` when set).
+fn built_binary(env: &str, name: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
         return Some(PathBuf::from(p));
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -65,7 +79,7 @@ pub fn shim_binary() -> Option<PathBuf> {
         .unwrap_or_else(|| workspace_root().join("target"));
     ["debug", "release"]
         .iter()
-        .map(|p| target.join(p).join("containerd-shim-nutshell-v2"))
+        .map(|p| target.join(p).join(name))
         .find(|p| p.is_file())
 }
 
@@ -264,10 +278,6 @@ impl Containerd {
             self.dir.join("bin").display(),
             std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
         );
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("containerd.log"))?;
         // nsenter execs containerd (no fork for a network namespace), so the
         // child is containerd itself.
         let mut cmd = match &self.netns {
@@ -278,57 +288,27 @@ impl Containerd {
             }
             None => Command::new("containerd"),
         };
-        let child = cmd
-            .arg("--config")
+        cmd.arg("--config")
             .arg(self.dir.join("config.toml"))
             .env("PATH", path)
-            .env("NUTSHELL_CONFIG", &self.nutshell_config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
+            .env("NUTSHELL_CONFIG", &self.nutshell_config);
+        let child = start_daemon(
+            &mut cmd,
+            "containerd",
+            &self.dir.join("containerd.log"),
+            Duration::from_secs(30),
+            || Ok(self.socket.exists() && self.ctr(&["version"]).output()?.status.success()),
+            || self.log_tail(40),
+        )?;
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.socket.exists() && self.ctr(&["version"]).output()?.status.success() {
-                return Ok(());
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                return Err(io::Error::other(format!(
-                    "containerd exited with {status}; log:\n{}",
-                    self.log_tail(40)
-                )));
-            }
-            if Instant::now() > deadline {
-                return Err(io::Error::other(format!(
-                    "containerd did not answer within 30 s; log:\n{}",
-                    self.log_tail(40)
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        Ok(())
     }
 
     /// Stops containerd (SIGTERM, then SIGKILL after 10 s); running shims
     /// and their pods keep running, as with a real containerd restart.
     pub fn stop(&mut self) -> io::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait()?.is_none() {
-                if Instant::now() > deadline {
-                    child.kill()?;
-                    child.wait()?;
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+        if let Some(child) = self.child.take() {
+            terminate(child, Duration::from_secs(10))?;
         }
         Ok(())
     }
@@ -733,16 +713,10 @@ mod tests {
 
     #[test]
     fn the_scripts_name_the_same_images() {
-        let script = include_str!("../../tools/lib/test-images.sh");
-        for line in [
+        crate::assert_test_images_script_says(&[
             format!("NS_BUSYBOX_IMAGE={BUSYBOX_IMAGE}"),
             format!("NS_PAUSE_IMAGE={PAUSE_IMAGE}"),
-        ] {
-            assert!(
-                script.lines().any(|l| l == line),
-                "tools/lib/test-images.sh must say {line}"
-            );
-        }
+        ]);
     }
 
     #[test]

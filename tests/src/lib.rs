@@ -8,12 +8,14 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod engines;
 pub mod netns;
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use nutshell_runtime::hypervisor::GUEST_ASSETS_DIR;
 
@@ -197,6 +199,94 @@ pub fn build_vsock_probe(dest: &Path) -> io::Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Spawns the daemon `cmd` (named `name`) with its output appended to
+/// `log`, and waits up to `timeout` until `answers` says it serves. When it
+/// exits first or time runs out, it is stopped and the error quotes the
+/// tail of its log (`log_tail`).
+pub fn start_daemon(
+    cmd: &mut Command,
+    name: &str,
+    log: &Path,
+    timeout: Duration,
+    mut answers: impl FnMut() -> io::Result<bool>,
+    log_tail: impl Fn() -> String,
+) -> io::Result<Child> {
+    let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()?;
+    let deadline = Instant::now() + timeout;
+    let failure = loop {
+        match answers() {
+            Ok(true) => return Ok(child),
+            Ok(false) => {}
+            Err(e) => break e,
+        }
+        if let Some(status) = child.try_wait()? {
+            break io::Error::other(format!("{name} exited with {status}"));
+        }
+        if Instant::now() > deadline {
+            break io::Error::other(format!("{name} did not answer within {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = terminate(child, Duration::from_secs(5));
+    Err(io::Error::other(format!("{failure}; log:\n{}", log_tail())))
+}
+
+/// Stops `child` with SIGTERM: its exit status when it exits within
+/// `grace`, else `None` once SIGKILL ended it.
+pub fn terminate(mut child: Child, grace: Duration) -> io::Result<Option<ExitStatus>> {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill()?;
+    child.wait()?;
+    Ok(None)
+}
+
+/// Asserts that `tools/lib/test-images.sh` has each of `lines` as a line:
+/// the harness and the script name the same things.
+pub fn assert_test_images_script_says(lines: &[String]) {
+    let script = include_str!("../../tools/lib/test-images.sh");
+    for line in lines {
+        assert!(
+            script.lines().any(|l| l == line),
+            "tools/lib/test-images.sh must say {line}"
+        );
+    }
+}
+
+/// The nearest-rank `p`th percentile of `xs` in milliseconds (sorts
+/// `xs`), for the benchmarks (`tests/examples/`).
+pub fn percentile_ms(xs: &mut [Duration], p: usize) -> f64 {
+    xs.sort_unstable();
+    let i = (xs.len() * p).div_ceil(100).clamp(1, xs.len()) - 1;
+    xs[i].as_secs_f64() * 1000.0
+}
+
+/// "N CPUs, load A B C": the machine a benchmark ran on.
+pub fn host_summary() -> String {
+    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    format!(
+        "{} CPUs, load {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
 }
 
 #[cfg(test)]

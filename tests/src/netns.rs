@@ -180,21 +180,34 @@ impl Drop for TestNetns {
 /// `/var/lib/cni`), and portmap for host ports. containerd adds loopback
 /// itself.
 pub fn bridge_conflist(ipam_dir: &Path) -> String {
+    bridge_network_conflist("nutshell-test", BRIDGE, POD_SUBNET, NODE_IP, ipam_dir)
+}
+
+/// A CNI network `name`: a bridge `bridge` whose address `gateway` is its
+/// members' gateway, no masquerading, hairpin on, host-local addresses from
+/// `subnet` kept in `ipam_dir`, and portmap for host ports.
+pub fn bridge_network_conflist(
+    name: &str,
+    bridge: &str,
+    subnet: &str,
+    gateway: &str,
+    ipam_dir: &Path,
+) -> String {
     format!(
         r#"{{
   "cniVersion": "1.0.0",
-  "name": "nutshell-test",
+  "name": "{name}",
   "plugins": [
     {{
       "type": "bridge",
-      "bridge": "{BRIDGE}",
+      "bridge": "{bridge}",
       "isGateway": true,
       "ipMasq": false,
       "hairpinMode": true,
       "ipam": {{
         "type": "host-local",
         "dataDir": "{}",
-        "ranges": [[{{ "subnet": "{POD_SUBNET}", "gateway": "{NODE_IP}" }}]],
+        "ranges": [[{{ "subnet": "{subnet}", "gateway": "{gateway}" }}]],
         "routes": [{{ "dst": "0.0.0.0/0" }}]
       }}
     }},
