@@ -23,6 +23,8 @@ pub struct MountOptions {
     pub propagation: Vec<MsFlags>,
     /// Options the file system itself parses.
     pub data: Vec<String>,
+    /// `tmpcopyup`: the new tmpfs starts with what the image had there.
+    pub copy_up: bool,
 }
 
 /// Parses mount(8)-style options.
@@ -32,6 +34,7 @@ pub fn parse_options(options: &[String]) -> Result<MountOptions, String> {
         clear: MsFlags::empty(),
         propagation: Vec::new(),
         data: Vec::new(),
+        copy_up: false,
     };
     for opt in options {
         let (set, clear) = match opt.as_str() {
@@ -80,7 +83,10 @@ pub fn parse_options(options: &[String]) -> Result<MountOptions, String> {
                     "mount option {opt:?} (id-mapped mounts) is not supported"
                 ))
             }
-            "tmpcopyup" => return Err("mount option \"tmpcopyup\" is not supported".to_string()),
+            "tmpcopyup" => {
+                o.copy_up = true;
+                continue;
+            }
             other => {
                 o.data.push(other.to_string());
                 continue;
@@ -204,6 +210,15 @@ fn do_mount(rootfs: &Path, m: &Mount, cgroup_v2: bool) -> InitResult<()> {
             fstype = "cgroup2".to_string();
         }
         create_mount_point(&dest, false)?;
+        if opts.copy_up {
+            if fstype != "tmpfs" {
+                return Err(InitError::invalid(format!(
+                    "mount option \"tmpcopyup\" on {} needs a tmpfs, not {fstype:?}",
+                    dest_in.display()
+                )));
+            }
+            return tmpfs_copy_up(&dest, opts.flags, data).ctx(what);
+        }
         let res = mount(
             Some(&source),
             &dest,
@@ -236,6 +251,73 @@ fn do_mount(rootfs: &Path, m: &Mount, cgroup_v2: bool) -> InitResult<()> {
     }
     for p in &opts.propagation {
         mount(None::<&str>, &dest, None::<&str>, *p, None::<&str>).ctx(what)?;
+    }
+    Ok(())
+}
+
+/// `tmpcopyup` (runc's and crun's extension; Podman's `--read-only` puts
+/// it on `/run`, `/tmp` and `/var/tmp`): a tmpfs is mounted aside, what
+/// `dest` holds in the image is copied into it, and it is moved onto
+/// `dest`. The aside directory is under the guest's `/run`, which the
+/// container never sees (it is not under the rootfs).
+fn tmpfs_copy_up(dest: &Path, flags: MsFlags, data: Option<&str>) -> std::io::Result<()> {
+    let aside = PathBuf::from(format!("/run/nutshell-copyup-{}", std::process::id()));
+    fs::create_dir_all(&aside)?;
+    let writable = flags & !MsFlags::MS_RDONLY;
+    let r = mount(Some("tmpfs"), &aside, Some("tmpfs"), writable, data)
+        .map_err(std::io::Error::from)
+        .and_then(|()| {
+            let moved = copy_tree(dest, &aside).and_then(|()| {
+                mount(
+                    Some(&aside),
+                    dest,
+                    None::<&str>,
+                    MsFlags::MS_MOVE,
+                    None::<&str>,
+                )
+                .map_err(std::io::Error::from)
+            });
+            if moved.is_err() {
+                let _ = umount2(&aside, MntFlags::MNT_DETACH);
+            }
+            moved
+        })
+        .and_then(|()| {
+            if flags.contains(MsFlags::MS_RDONLY) {
+                let ro = MsFlags::MS_REMOUNT | flags;
+                mount(None::<&str>, dest, None::<&str>, ro, data).map_err(std::io::Error::from)
+            } else {
+                Ok(())
+            }
+        });
+    let _ = fs::remove_dir(&aside);
+    r
+}
+
+/// Copies the tree under `src` into the existing directory `dst`: files,
+/// directories and symlinks with their modes and owners (`dst` takes
+/// `src`'s own).
+fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{chown, lchown, MetadataExt, PermissionsExt};
+    let md = fs::symlink_metadata(src)?;
+    fs::set_permissions(dst, fs::Permissions::from_mode(md.mode() & 0o7777))?;
+    chown(dst, Some(md.uid()), Some(md.gid()))?;
+    for entry in fs::read_dir(src)? {
+        let entry = entry?;
+        let (from, to) = (entry.path(), dst.join(entry.file_name()));
+        let md = fs::symlink_metadata(&from)?;
+        let kind = md.file_type();
+        if kind.is_dir() {
+            fs::create_dir(&to)?;
+            copy_tree(&from, &to)?;
+        } else if kind.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(&from)?, &to)?;
+            lchown(&to, Some(md.uid()), Some(md.gid()))?;
+        } else if kind.is_file() {
+            fs::copy(&from, &to)?;
+            chown(&to, Some(md.uid()), Some(md.gid()))?;
+        }
+        // Sockets, FIFOs and device nodes are not copied, as with runc.
     }
     Ok(())
 }
@@ -396,6 +478,32 @@ mod tests {
         let o = parse_options(&strings(&["rbind", "ro", "rw"])).expect("ok");
         assert_eq!(o.flags, MsFlags::MS_BIND | MsFlags::MS_REC);
         assert!(parse_options(&strings(&["idmap"])).is_err());
+        let o = parse_options(&strings(&["tmpcopyup", "nosuid"])).expect("ok");
+        assert!(o.copy_up);
+        assert_eq!(o.data, Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_copied_up_tree_keeps_files_links_and_modes() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().expect("tmp");
+        let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+        fs::create_dir_all(src.join("sub")).expect("mkdir");
+        fs::write(src.join("sub/file"), "data").expect("write");
+        fs::set_permissions(src.join("sub"), fs::Permissions::from_mode(0o1777)).expect("chmod");
+        std::os::unix::fs::symlink("sub/file", src.join("link")).expect("symlink");
+        fs::create_dir(&dst).expect("mkdir");
+        copy_tree(&src, &dst).expect("copy");
+        assert_eq!(fs::read_to_string(dst.join("link")).expect("read"), "data");
+        assert_eq!(
+            fs::read_link(dst.join("link")).expect("link"),
+            Path::new("sub/file")
+        );
+        let mode = fs::metadata(dst.join("sub"))
+            .expect("md")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o1777);
     }
 
     #[test]
