@@ -22,8 +22,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "build the static agent (tests/tests/agent_host/ runs it)"
 tools/build-agent.sh >/dev/null
 
-step "build the shim (tests/tests/containerd_*.rs run it under a private containerd; containerd_cni.rs in a network namespace of its own)"
-cargo build -p nutshell-runtime --bin containerd-shim-nutshell-v2
+step "build the shim and nutshell-runc (tests/tests/containerd_*.rs run the shim under a private containerd, engine_*.rs nutshell-runc under private Docker and Podman, each in a network namespace of its own)"
+cargo build -p nutshell-runtime --bin containerd-shim-nutshell-v2 -p nutshell-runc --bin nutshell-runc
 
 step "cargo test"
 cargo test --workspace

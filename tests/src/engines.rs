@@ -594,6 +594,7 @@ macro_rules! engine_tests {
             read_only_root,
             kernel_and_runtime,
             bridge_network,
+            killed_container_leaves_nothing,
         );
     };
     ($kind:ident => $($check:ident),+ $(,)?) => {$(
@@ -606,7 +607,6 @@ macro_rules! engine_tests {
             }
 
             #[test]
-            #[ignore = "nutshell-runc lands with the CLI"]
             fn nutshell() {
                 run_check(Kind::$kind, Runtime::Nutshell, checks::$check);
             }

@@ -220,6 +220,68 @@ pub fn stats(e: &Engine) {
     assert!(pids >= 1, "{line:?}");
 }
 
+/// `kill -9` of what the engine knows as the container's pid (runc's
+/// init; nutshell-runc's stand-in) and, under nutshell-runc, of the VM's
+/// processes: the engine sees the container exit, and `rm` leaves nothing
+/// behind ([`Engine::finish`] checks).
+pub fn killed_container_leaves_nothing(e: &Engine) {
+    start_sleeper(e, "victim");
+    let pid: i32 = inspect(e, "victim", "{{.State.Pid}}").parse().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until_exited(e, "victim");
+    assert_eq!(inspect(e, "victim", "{{.State.ExitCode}}"), "137");
+    e.ok(&["rm", "victim"]);
+    if !e.runtime.runs_vms() {
+        return;
+    }
+    start_sleeper(e, "vm-victim");
+    let stand_in: u32 = inspect(e, "vm-victim", "{{.State.Pid}}").parse().unwrap();
+    let vm = children_of(stand_in);
+    assert!(
+        !vm.is_empty(),
+        "the stand-in {stand_in} has no VM processes"
+    );
+    for p in vm {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    wait_until_exited(e, "vm-victim");
+    assert_ne!(inspect(e, "vm-victim", "{{.State.ExitCode}}"), "0");
+    e.ok(&["rm", "vm-victim"]);
+}
+
+/// The pids whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|d| d.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|st| {
+                st.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
+/// Waits until the engine says container `name` no longer runs.
+fn wait_until_exited(e: &Engine, name: &str) {
+    let deadline = Instant::now() + READY;
+    while inspect(e, name, "{{.State.Running}}") != "false" {
+        assert!(Instant::now() < deadline, "{name} still runs");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Starts container `name` running `sleep`, detached.
 fn start_sleeper(e: &Engine, name: &str) {
     e.ok(&e.run_args(&["-d", "--name", name, NO_NET], &["sleep", "1000000"]));
