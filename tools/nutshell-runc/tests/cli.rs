@@ -297,7 +297,11 @@ fn the_lifecycle_follows_the_oci_runtime_spec() {
     s.ok(&["pause", "c1"]);
     assert_eq!(s.state("c1")["status"], "paused");
     s.ok(&["resume", "c1"]);
+    let resources = s.tmp.path().join("resources.json");
+    std::fs::write(&resources, r#"{"pids": {"limit": 77}}"#).unwrap();
+    s.ok(&["update", "--resources", resources.to_str().unwrap(), "c1"]);
     let stats: Value = serde_json::from_str(&s.ok(&["events", "--stats", "c1"])).unwrap();
+    assert_eq!(stats["data"]["pids"]["limit"], 77, "{stats}");
     assert!(
         stats["data"]["memory"]["usage"]["usage"].as_u64().unwrap() > 0,
         "{stats}"
