@@ -157,7 +157,7 @@ enum Sink {
 
 /// Where a relay writes a guest process's output.
 #[async_trait::async_trait]
-pub trait OutputSink: Send {
+trait OutputSink: Send {
     async fn write_all(&mut self, data: &[u8]) -> io::Result<()>;
 }
 
@@ -270,7 +270,7 @@ impl Relays {
                 agent.clone(),
                 cid.to_string(),
                 exec_id.to_string(),
-                PathBuf::from(&io.stdin),
+                StdinSource::Fifo(PathBuf::from(&io.stdin)),
                 close_rx,
                 progress.clone(),
             ))
@@ -282,6 +282,51 @@ impl Relays {
             progress,
             logger,
         })
+    }
+
+    /// Relays between the agent and fds the runtime was given rather than
+    /// containerd's paths (nutshell-runc's stdio: pipes, files, a pty):
+    /// `stdin` to the process, and each output stream to its file. tokio's
+    /// `File` drives each fd, since files and `/dev/null` cannot be polled.
+    pub fn start_fds(
+        agent: &AgentClient,
+        cid: &str,
+        exec_id: &str,
+        stdin: Option<tokio::fs::File>,
+        outputs: Vec<(Stream, tokio::fs::File)>,
+    ) -> Self {
+        let progress = Arc::new(AtomicU64::new(0));
+        let outputs = outputs
+            .into_iter()
+            .map(|(stream, sink)| {
+                tokio::spawn(relay_output(
+                    agent.clone(),
+                    cid.to_string(),
+                    exec_id.to_string(),
+                    stream,
+                    sink,
+                    progress.clone(),
+                ))
+            })
+            .collect();
+        let (close_stdin, close_rx) = watch::channel(false);
+        let stdin = stdin.map(|f| {
+            tokio::spawn(relay_stdin(
+                agent.clone(),
+                cid.to_string(),
+                exec_id.to_string(),
+                StdinSource::File(f),
+                close_rx,
+                progress.clone(),
+            ))
+        });
+        Self {
+            outputs,
+            stdin,
+            close_stdin,
+            progress,
+            logger: None,
+        }
     }
 
     /// CloseIO: the process's stdin gets EOF once what was read is written.
@@ -377,7 +422,7 @@ fn open_output(t: &OutputTarget) -> Result<Sink, StdioError> {
 
 /// Copies one output stream of process `exec_id` of container `cid` from
 /// the agent to `sink` until its end-of-file, counting bytes in `progress`.
-pub async fn relay_output(
+async fn relay_output(
     agent: AgentClient,
     cid: String,
     exec_id: String,
@@ -410,20 +455,31 @@ pub async fn relay_output(
     }
 }
 
+/// Where a process's stdin comes from.
+enum StdinSource {
+    /// containerd's FIFO.
+    Fifo(PathBuf),
+    /// An fd the runtime was given.
+    File(tokio::fs::File),
+}
+
 async fn relay_stdin(
     agent: AgentClient,
     cid: String,
     exec_id: String,
-    path: PathBuf,
+    source: StdinSource,
     mut close: watch::Receiver<bool>,
     progress: Arc<AtomicU64>,
 ) {
-    // O_RDONLY|O_NONBLOCK opens at once. Until a writer has come, the FIFO
-    // reports neither data nor hang-up, so the read waits (and stays
-    // cancellable); a writer that came and went is EOF.
-    match pipe::OpenOptions::new().open_receiver(&path) {
-        Ok(fifo) => copy_stdin(&agent, &cid, &exec_id, fifo, &mut close, &progress).await,
-        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot open stdin"),
+    match source {
+        // O_RDONLY|O_NONBLOCK opens at once. Until a writer has come, the
+        // FIFO reports neither data nor hang-up, so the read waits (and
+        // stays cancellable); a writer that came and went is EOF.
+        StdinSource::Fifo(path) => match pipe::OpenOptions::new().open_receiver(&path) {
+            Ok(fifo) => copy_stdin(&agent, &cid, &exec_id, fifo, &mut close, &progress).await,
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot open stdin"),
+        },
+        StdinSource::File(f) => copy_stdin(&agent, &cid, &exec_id, f, &mut close, &progress).await,
     }
     if let Err(e) = agent.close_stdin(&cid, &exec_id).await {
         tracing::debug!(%cid, %exec_id, error = %e, "CloseStdin");
@@ -431,9 +487,8 @@ async fn relay_stdin(
 }
 
 /// Copies `fifo` to the stdin of process `exec_id` of container `cid`
-/// until its end-of-file (a pty's EIO counts as one) or `close`; the
-/// caller sends CloseStdin.
-pub async fn copy_stdin(
+/// until its end-of-file (a pty's EIO counts as one) or `close`.
+async fn copy_stdin(
     agent: &AgentClient,
     cid: &str,
     exec_id: &str,

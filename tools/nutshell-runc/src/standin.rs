@@ -32,19 +32,23 @@ use nutshell_runtime::mounts::guest_rootfs;
 use nutshell_runtime::shim::events::Events;
 use nutshell_runtime::shim::pod::{chain, NetworkMode, Pod, PodSpec};
 use nutshell_runtime::shim::sizing::size_for;
+use nutshell_runtime::shim::stdio::Relays;
 use nutshell_runtime::shim::task::PodApi;
 use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::bundle::{Bundle, NetPlan};
 use crate::console;
-use crate::relay::Relays;
+use crate::relay;
 use crate::state::{Exit, Record, Root, Status};
 
 /// The stand-in's end of the sync socket.
 pub const SYNC_FD: i32 = 3;
-/// How long output may take to arrive after the process ended.
-const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+/// How long output may sit idle after the process ended before its relay
+/// is closed (a background child can hold the pipe forever), and the
+/// longest it may flow at all, as the shim's.
+const DRAIN_IDLE: Duration = Duration::from_secs(2);
+const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 /// The exit status when the VM died under the process, as the shim's.
 const VM_GONE_STATUS: i32 = 255;
 /// Signals passed on to the guest process (SIGKILL and SIGSTOP cannot be
@@ -166,7 +170,7 @@ async fn init(root: &Root, config: Option<&Path>, id: &str, mut sync: UnixStream
         }
     };
     let signals = Forwarder::install(terminal);
-    let relays = Relays::start(&agent, id, "", terminal);
+    let relays = relay::start(&agent, id, "", terminal);
     reply(
         &mut sync,
         &Ready {
@@ -315,7 +319,7 @@ pub async fn exec_process(
         }
     };
     let signals = Forwarder::install(job.terminal);
-    let relays = Relays::start(&agent, id, &job.exec_id, job.terminal);
+    let relays = relay::start(&agent, id, &job.exec_id, job.terminal);
     if let Some(mut s) = sync {
         reply(
             &mut s,
@@ -372,7 +376,7 @@ async fn serve(
     agent: &AgentClient,
     cid: &str,
     exec_id: &str,
-    relays: Relays,
+    mut relays: Relays,
     mut signals: Forwarder,
     started: impl Fn() -> bool,
 ) -> Exit {
@@ -404,7 +408,7 @@ async fn serve(
             }
         }
     };
-    relays.drain(DRAIN_LIMIT).await;
+    relays.drain(DRAIN_IDLE, DRAIN_LIMIT).await;
     exit
 }
 
