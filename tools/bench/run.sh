@@ -23,9 +23,17 @@ ln -s busybox "$work/rootfs/bin/true"
 
 backend=$(target/release/nutshell check --backend-only 2>/dev/null || true)
 echo "host: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg); backend $BACKEND (auto here: ${backend:-?})"
+# A run that takes longer than RUN_TIMEOUT_S (120) has stalled: say where,
+# rather than hang the benchmark (and a whole L1 with it).
 for ((i = 0; i < RUNS; i++)); do
-  target/release/nutshell run --backend "$BACKEND" --timing --rootfs "$work/rootfs" -- true \
-    2>>"$work/timing" || { tail -20 "$work/timing" >&2; echo "run $i failed" >&2; exit 1; }
+  rc=0
+  timeout "${RUN_TIMEOUT_S:-120}" target/release/nutshell run --backend "$BACKEND" --timing \
+    --rootfs "$work/rootfs" -- true 2>>"$work/timing" || rc=$?
+  if ((rc == 124)); then
+    echo "run $i stalled for ${RUN_TIMEOUT_S:-120} s; the busiest processes:" >&2
+    ps -eo pid,ppid,stat,pcpu,etime,comm --sort=-pcpu | head -12 >&2
+  fi
+  ((rc == 0)) || { tail -20 "$work/timing" >&2; echo "run $i failed ($rc)" >&2; exit 1; }
 done
 python3 - "$work/timing" "$RUNS" <<'PY'
 import collections, sys
