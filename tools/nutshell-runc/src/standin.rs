@@ -101,7 +101,8 @@ pub fn main(root: &Root, config: Option<&Path>, id: &str, exec: Option<ExecJob>)
     match outcome {
         Ok(exit) => exit_like(exit),
         Err(e) => {
-            crate::log::fatal(&format!("{e:#}"));
+            // Logged only: the stand-in's stderr is the container's.
+            tracing::error!("{e:#}");
             std::process::exit(VM_GONE_STATUS)
         }
     }
@@ -390,7 +391,7 @@ async fn serve(
             r = &mut wait => break match r {
                 Ok(w) => Exit { status: w.exit_status, signal: w.signal },
                 Err(e) => {
-                    crate::log::fatal(&format!("the container's VM went away: {}", chain(&e)));
+                    tracing::error!("the container's VM went away: {}", chain(&e));
                     Exit { status: VM_GONE_STATUS, signal: 0 }
                 }
             },

@@ -195,6 +195,19 @@ impl Setup {
     }
 }
 
+/// A failed test still takes its containers down: their VMs, mounts and
+/// pod directories outlive the temporary root otherwise.
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let Ok(out) = self.runc().args(["list", "-q"]).output() else {
+            return;
+        };
+        for id in String::from_utf8_lossy(&out.stdout).lines() {
+            let _ = self.runc().args(["delete", "--force", id]).status();
+        }
+    }
+}
+
 /// Waits for our reparented stand-in `pid` to end, as a subreaper does.
 fn reap(pid: u32) -> WaitStatus {
     let deadline = Instant::now() + EXIT_DEADLINE;
