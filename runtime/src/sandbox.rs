@@ -78,6 +78,29 @@ impl Sandbox {
         }
     }
 
+    /// [`Self::start`], with one more launch when the VM ran but its agent
+    /// never answered a dial. The hybrid-vsock backend can leave every
+    /// CONNECT of one VM unanswered for the VM's whole life while the guest
+    /// has its agent listening (seen with vhost-device-vsock, a few times
+    /// in some hundred boots); a new VM gets a new backend. A VM that died,
+    /// or an agent that answered wrongly, is not launched again.
+    pub async fn start_relaunching(
+        hypervisor: &dyn Hypervisor,
+        config: &VmConfig,
+        dial: &DialOptions,
+    ) -> Result<Self, SandboxError> {
+        match Self::start(hypervisor, config, dial).await {
+            Err(SandboxError::AgentUnreachable {
+                console,
+                source: source @ AgentError::DialTimeout { .. },
+            }) => {
+                tracing::warn!(vm = %config.id, error = %source, %console, "the VM's agent never answered; the VM was killed and is started once more");
+                Self::start(hypervisor, config, dial).await
+            }
+            r => r,
+        }
+    }
+
     /// The VM.
     pub fn vm(&self) -> &RunningVm {
         &self.vm

@@ -235,7 +235,7 @@ impl Pod {
             "starting the pod's VM"
         );
         let started = std::time::Instant::now();
-        let sandbox = Sandbox::start(hypervisor.as_ref(), &vm, &dial)
+        let sandbox = Sandbox::start_relaunching(hypervisor.as_ref(), &vm, &dial)
             .await
             .map_err(|e| ShimError::Vm(chain(&e)))?;
         // The VMM holds its own copies of the taps now; closing ours ties

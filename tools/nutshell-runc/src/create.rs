@@ -162,7 +162,10 @@ pub fn write_pid_file(path: &Path, pid: u32) -> Result<()> {
 /// Creates the container; returns its stand-in (our child).
 pub fn create(g: &Globals, root: &Root, args: &CreateArgs) -> Result<Child> {
     if args.preserve_fds > 0 {
-        bail!("--preserve-fds {}: file descriptors cannot be passed into a VM; nutshell-runc runs the container without them only when none are asked for", args.preserve_fds);
+        bail!(
+            "--preserve-fds {}: file descriptors cannot be passed into a VM (only 0 works)",
+            args.preserve_fds
+        );
     }
     let dir = std::fs::canonicalize(&args.bundle)
         .with_context(|| format!("the bundle {} does not exist", args.bundle.display()))?;
