@@ -42,5 +42,12 @@ cargo build -q -p nutshell-runtime --example agent-health
 if grep -qE '^ok +kvm-linux ' <<<"$(target/debug/nutshell check || true)"; then
   tools/nested-suite.sh
 else
-  tools/nested-kvm.sh -- tools/nested-suite.sh
+  # L1 is emulated end to end, and now and then it fails on its own (a
+  # guest reset or a stall on the own VMM inside it: issue 11, not
+  # understood yet). A failure is printed in full above, then the suite
+  # runs once more in a fresh L1; a second failure fails the test command.
+  if ! tools/nested-kvm.sh -- tools/nested-suite.sh; then
+    echo "RETRY: the L1 suite failed (its output is above); once more in a fresh L1"
+    tools/nested-kvm.sh -- tools/nested-suite.sh
+  fi
 fi
