@@ -218,7 +218,6 @@ impl Relays {
         namespace: &str,
         io: &StdioConfig,
     ) -> Result<Self, StdioError> {
-        let progress = Arc::new(AtomicU64::new(0));
         let stdout = parse_output(&io.stdout)?;
         let stderr = if io.terminal {
             OutputTarget::None
@@ -247,41 +246,16 @@ impl Relays {
             }
             _ => (open_output(&stdout)?, open_output(&stderr)?),
         };
-        let mut outputs = Vec::new();
-        for (stream, sink, target) in [
+        let outputs: Vec<(Stream, Sink)> = [
             (Stream::Stdout, out_sink, &stdout),
             (Stream::Stderr, err_sink, &stderr),
-        ] {
-            if *target == OutputTarget::None {
-                continue;
-            }
-            outputs.push(tokio::spawn(relay_output(
-                agent.clone(),
-                cid.to_string(),
-                exec_id.to_string(),
-                stream,
-                sink,
-                progress.clone(),
-            )));
-        }
-        let (close_stdin, close_rx) = watch::channel(false);
-        let stdin = (!io.stdin.is_empty()).then(|| {
-            tokio::spawn(relay_stdin(
-                agent.clone(),
-                cid.to_string(),
-                exec_id.to_string(),
-                StdinSource::Fifo(PathBuf::from(&io.stdin)),
-                close_rx,
-                progress.clone(),
-            ))
-        });
-        Ok(Self {
-            outputs,
-            stdin,
-            close_stdin,
-            progress,
-            logger,
-        })
+        ]
+        .into_iter()
+        .filter(|(_, _, target)| **target != OutputTarget::None)
+        .map(|(stream, sink, _)| (stream, sink))
+        .collect();
+        let stdin = (!io.stdin.is_empty()).then(|| StdinSource::Fifo(PathBuf::from(&io.stdin)));
+        Ok(Self::spawn(agent, cid, exec_id, stdin, outputs, logger))
     }
 
     /// Relays between the agent and fds the runtime was given rather than
@@ -294,6 +268,25 @@ impl Relays {
         exec_id: &str,
         stdin: Option<tokio::fs::File>,
         outputs: Vec<(Stream, tokio::fs::File)>,
+    ) -> Self {
+        Self::spawn(
+            agent,
+            cid,
+            exec_id,
+            stdin.map(StdinSource::File),
+            outputs,
+            None,
+        )
+    }
+
+    /// Starts one relay per output stream and one for stdin.
+    fn spawn<S: OutputSink + 'static>(
+        agent: &AgentClient,
+        cid: &str,
+        exec_id: &str,
+        stdin: Option<StdinSource>,
+        outputs: Vec<(Stream, S)>,
+        logger: Option<std::process::Child>,
     ) -> Self {
         let progress = Arc::new(AtomicU64::new(0));
         let outputs = outputs
@@ -310,12 +303,12 @@ impl Relays {
             })
             .collect();
         let (close_stdin, close_rx) = watch::channel(false);
-        let stdin = stdin.map(|f| {
+        let stdin = stdin.map(|source| {
             tokio::spawn(relay_stdin(
                 agent.clone(),
                 cid.to_string(),
                 exec_id.to_string(),
-                StdinSource::File(f),
+                source,
                 close_rx,
                 progress.clone(),
             ))
@@ -325,7 +318,7 @@ impl Relays {
             stdin,
             close_stdin,
             progress,
-            logger: None,
+            logger,
         }
     }
 
