@@ -63,13 +63,20 @@ impl Sandbox {
         dial: &DialOptions,
     ) -> Result<Self, SandboxError> {
         let vm = hypervisor.launch(config).await?;
+        Self::attach(vm, dial).await
+    }
+
+    /// Dials the agent of a VM that runs already (one claimed from the
+    /// warm pool). When the agent does not answer, the VM is killed and
+    /// cleaned up before the error returns.
+    pub async fn attach(vm: RunningVm, dial: &DialOptions) -> Result<Self, SandboxError> {
         let address = AgentAddress::hybrid_vsock(vm.agent_socket());
         match AgentClient::connect(&address, dial, Some(vm.end_watch())).await {
             Ok(agent) => Ok(Self { vm, agent }),
             Err(e @ AgentError::VmEnded { .. }) => Err(e.into()),
             Err(source) => {
                 let exit = vm.kill().await;
-                tracing::warn!(vm = %config.id, %exit, "agent unreachable, VM killed");
+                tracing::warn!(vm = %vm.id(), %exit, "agent unreachable, VM killed");
                 Err(SandboxError::AgentUnreachable {
                     console: format_tail(&exit.console_tail),
                     source,

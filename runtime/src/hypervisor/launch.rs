@@ -86,7 +86,7 @@ impl Launch {
         }
         Ok(Self {
             files,
-            tree: ProcessTree::new(&config.id, state),
+            tree: ProcessTree::new(&config.id, state, config.handover),
         })
     }
 

@@ -13,6 +13,7 @@
 
 mod cmdline;
 mod console;
+pub mod handover;
 mod launch;
 mod memory;
 pub mod nutshell_vmm;
@@ -108,6 +109,10 @@ pub struct VmConfig {
     /// pod's network namespace ([`crate::network::plumb`]); the VMM
     /// inherits the fds.
     pub nics: Vec<Nic>,
+    /// Started for the warm pool, to be handed to another process
+    /// ([`handover`]): the VM's processes outlive this one, run niced until
+    /// claimed, and write stderr to files in the state directory.
+    pub handover: bool,
 }
 
 /// A virtio-net card of the VM.
@@ -138,6 +143,7 @@ impl VmConfig {
             accel: Accel::Auto,
             debug_console: false,
             nics: Vec::new(),
+            handover: false,
         }
     }
 
@@ -239,6 +245,10 @@ pub enum HypervisorError {
     /// A process of the VM ended while the VM was starting.
     #[error("the VM ended while starting: {0}")]
     EndedWhileStarting(Box<VmExit>),
+    /// A VM could not be handed from one process to another; the message
+    /// says why.
+    #[error("cannot hand the VM over: {0}")]
+    Handover(String),
 }
 
 /// A way to run VMs. Implementations start the VM's processes and hand the

@@ -7,6 +7,11 @@
 //! the rest are killed, everything is reaped, the files the VM made in the
 //! state directory are removed, and the [`VmExit`] is published to every
 //! [`VmEndWatch`]. Nothing here waits without a bound.
+//!
+//! A VM started for the warm pool ([`ProcessTree::new`] with `handover`)
+//! differs in what makes a hand-over possible ([`super::handover`]): its
+//! processes outlive this one, write stderr to files, and can be released
+//! to another process, which adopts them by pidfd.
 
 use std::collections::VecDeque;
 
@@ -23,7 +28,10 @@ use tokio::process::{Child, ChildStderr, Command};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, timeout, Instant};
 
+use std::os::fd::OwnedFd;
+
 use super::console::{last_lines, sanitize_line};
+use super::handover::{self, Released, ReleasedProcess};
 use super::vm::{Control, ProcessRole, ProcessStatus, RunningVm, VmEndWatch, VmExit};
 use super::HypervisorError;
 
@@ -42,12 +50,12 @@ const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Files of one VM in its state directory, removed when it ends.
 #[derive(Debug)]
 pub(crate) struct StateFiles {
-    dir: PathBuf,
-    created_dir: bool,
-    files: Vec<PathBuf>,
-    mounts: Vec<PathBuf>,
-    console_log: PathBuf,
-    keep_console: bool,
+    pub(super) dir: PathBuf,
+    pub(super) created_dir: bool,
+    pub(super) files: Vec<PathBuf>,
+    pub(super) mounts: Vec<PathBuf>,
+    pub(super) console_log: PathBuf,
+    pub(super) keep_console: bool,
 }
 
 impl StateFiles {
@@ -128,8 +136,20 @@ struct TreeChild {
     role: ProcessRole,
     program: String,
     pid: u32,
-    signal: watch::Sender<Option<Signal>>,
+    signal: watch::Sender<Option<Order>>,
     exited: bool,
+    /// Opened before anything could reap the process, so it names this
+    /// process for sure; only for VMs that may be handed over.
+    pidfd: Option<OwnedFd>,
+}
+
+/// What a process's reaping task is told.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Order {
+    /// Send this signal to the process's group.
+    Signal(Signal),
+    /// Another process owns it now: only reap it, never signal it.
+    Release,
 }
 
 pub(crate) struct ChildExit {
@@ -145,10 +165,12 @@ pub(crate) struct ProcessTree {
     exits_tx: mpsc::UnboundedSender<ChildExit>,
     exits_rx: mpsc::UnboundedReceiver<ChildExit>,
     state: StateFiles,
+    /// The VM may be handed to another process (the warm pool's).
+    handover: bool,
 }
 
 impl ProcessTree {
-    pub(crate) fn new(vm_id: &str, state: StateFiles) -> Self {
+    pub(crate) fn new(vm_id: &str, state: StateFiles, handover: bool) -> Self {
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
         Self {
             vm_id: vm_id.to_string(),
@@ -156,6 +178,7 @@ impl ProcessTree {
             exits_tx,
             exits_rx,
             state,
+            handover,
         }
     }
 
@@ -170,26 +193,45 @@ impl ProcessTree {
         program: &str,
         mut cmd: Command,
     ) -> Result<u32, HypervisorError> {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .process_group(0);
-        // SAFETY: the closure runs in the forked child before exec; it only
-        // calls prctl(2), which is async-signal-safe, and allocates nothing.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)
-            });
-        }
         let spawn_err = |source| HypervisorError::Spawn {
             program: program.to_string(),
             source,
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .process_group(0);
+        let stderr_file = if self.handover {
+            let path = self.state.claim(&self.state.dir.join(role.stderr_file()))?;
+            handover::detach(&mut cmd, &path).map_err(spawn_err)?;
+            Some(path)
+        } else {
+            cmd.stderr(Stdio::piped()).kill_on_drop(true);
+            // SAFETY: the closure runs in the forked child before exec; it
+            // only calls prctl(2), which is async-signal-safe, and allocates
+            // nothing.
+            unsafe {
+                cmd.pre_exec(|| {
+                    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)
+                });
+            }
+            None
         };
         let mut child = spawn_from_keeper(cmd).map_err(spawn_err)?;
         let pid = child
             .id()
             .ok_or_else(|| spawn_err(io::Error::other("it exited before its pid was read")))?;
+        // Before the reaping task exists, so the pid cannot be reused yet.
+        let pidfd = if self.handover {
+            match handover::pidfd_open(pid) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    let _ = child.start_kill();
+                    return Err(spawn_err(e));
+                }
+            }
+        } else {
+            None
+        };
         let (signal, signal_rx) = watch::channel(None);
         let index = self.children.len();
         let stderr = child.stderr.take();
@@ -198,13 +240,14 @@ impl ProcessTree {
         tokio::spawn(async move {
             let stderr_task = stderr.map(|s| tokio::spawn(read_stderr(s, name)));
             let status = reap(child, pid, signal_rx).await;
-            let stderr_tail = match stderr_task {
-                Some(t) => timeout(Duration::from_millis(200), t)
+            let stderr_tail = match (stderr_task, stderr_file) {
+                (Some(t), _) => timeout(Duration::from_millis(200), t)
                     .await
                     .ok()
                     .and_then(Result::ok)
                     .unwrap_or_default(),
-                None => Vec::new(),
+                (None, Some(path)) => last_lines(&path, STDERR_TAIL_LINES),
+                (None, None) => Vec::new(),
             };
             let _ = exits.send(ChildExit {
                 index,
@@ -219,8 +262,46 @@ impl ProcessTree {
             pid,
             signal,
             exited: false,
+            pidfd,
         });
         Ok(pid)
+    }
+
+    /// Takes over a process another runtime process started and handed
+    /// over ([`super::handover`]): it is watched and signalled through
+    /// `pidfd`, since only its parent can reap it.
+    pub(crate) fn adopt(
+        &mut self,
+        role: ProcessRole,
+        program: &str,
+        pid: u32,
+        pidfd: OwnedFd,
+        stderr_file: PathBuf,
+    ) -> Result<(), HypervisorError> {
+        let watched = handover::PidFd::new(pidfd).map_err(|source| HypervisorError::Spawn {
+            program: program.to_string(),
+            source,
+        })?;
+        let (signal, signal_rx) = watch::channel(None);
+        let index = self.children.len();
+        let exits = self.exits_tx.clone();
+        tokio::spawn(async move {
+            let status = handover::watch(watched, pid, signal_rx).await;
+            let _ = exits.send(ChildExit {
+                index,
+                status,
+                stderr_tail: last_lines(&stderr_file, STDERR_TAIL_LINES),
+            });
+        });
+        self.children.push(TreeChild {
+            role,
+            program: program.to_string(),
+            pid,
+            signal,
+            exited: false,
+            pidfd: None,
+        });
+        Ok(())
     }
 
     /// Waits until `socket` exists (a vhost-user backend listens on it).
@@ -298,9 +379,51 @@ impl ProcessTree {
     fn signal(&self, role: Option<ProcessRole>, sig: Signal) {
         for c in &self.children {
             if !c.exited && role.is_none_or(|r| r == c.role) {
-                let _ = c.signal.send_replace(Some(sig));
+                let _ = c.signal.send_replace(Some(Order::Signal(sig)));
             }
         }
+    }
+
+    /// Lets go of every process, if all of them still run: their tasks
+    /// only reap them from now on, and the state files stay. `None` when
+    /// a process has ended (its exit is put back for [`Self::finish`]) or
+    /// the VM was not started for a hand-over.
+    fn release(&mut self) -> Option<Released> {
+        if !self.handover || self.children.iter().any(|c| c.pidfd.is_none()) {
+            return None;
+        }
+        if let Ok(exit) = self.exits_rx.try_recv() {
+            let _ = self.exits_tx.send(exit);
+            return None;
+        }
+        let mut processes = Vec::with_capacity(self.children.len());
+        for c in &mut self.children {
+            let _ = c.signal.send_replace(Some(Order::Release));
+            if let Some(pidfd) = c.pidfd.take() {
+                processes.push(ReleasedProcess {
+                    role: c.role,
+                    program: c.program.clone(),
+                    pid: c.pid,
+                    pidfd,
+                });
+            }
+        }
+        let state = std::mem::replace(
+            &mut self.state,
+            StateFiles {
+                dir: PathBuf::new(),
+                created_dir: false,
+                files: Vec::new(),
+                mounts: Vec::new(),
+                console_log: PathBuf::new(),
+                keep_console: true,
+            },
+        );
+        Some(Released {
+            vm_id: self.vm_id.clone(),
+            processes,
+            state,
+        })
     }
 
     /// Ends the VM after its first process ended: kills the rest, reaps
@@ -415,7 +538,7 @@ fn spawn_from_keeper(cmd: Command) -> io::Result<Child> {
 async fn reap(
     mut child: Child,
     pid: u32,
-    mut signal: watch::Receiver<Option<Signal>>,
+    mut signal: watch::Receiver<Option<Order>>,
 ) -> ProcessStatus {
     let pgid = Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
     let status = loop {
@@ -423,8 +546,15 @@ async fn reap(
             r = child.wait() => break ProcessStatus::from(r),
             changed = signal.changed() => match changed {
                 Ok(()) => {
-                    if let Some(sig) = *signal.borrow_and_update() {
+                    let order = *signal.borrow_and_update();
+                    match order {
+                    Some(Order::Signal(sig)) => {
                         let _ = killpg(pgid, sig);
+                    }
+                    // Its new owner signals the group; reaping is all
+                    // that is left to do here.
+                    Some(Order::Release) => return ProcessStatus::from(child.wait().await),
+                    None => {}
                     }
                 }
                 // The tree is gone without a word: never leave the process.
@@ -494,6 +624,15 @@ async fn supervise(
                     requested = true;
                     tree.signal(role, sig);
                 }
+                Some(Control::Release(reply)) => {
+                    if let Some(released) = tree.release() {
+                        let _ = reply.send(Some(released));
+                        // The end watch closes unresolved: this process no
+                        // longer learns how the VM ends.
+                        return;
+                    }
+                    let _ = reply.send(None);
+                }
                 // The RunningVm was dropped: nobody can use the VM any more.
                 None => {
                     control_open = false;
@@ -532,7 +671,7 @@ mod tests {
 
     fn tree(dir: &Path) -> ProcessTree {
         let state = StateFiles::prepare(&dir.join("state"), false).unwrap();
-        ProcessTree::new("t1", state)
+        ProcessTree::new("t1", state, false)
     }
 
     #[tokio::test]

@@ -19,7 +19,8 @@ use super::memory::{host_memory, HostMemory};
 const TERM_GRACE: Duration = Duration::from_secs(2);
 
 /// What a process of the VM does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ProcessRole {
     /// The virtual machine monitor (QEMU, or nutshell-vmm).
     Vmm,
@@ -27,6 +28,18 @@ pub enum ProcessRole {
     VsockBackend,
     /// The vhost-user virtio-fs backend (the pod's shared directory).
     FsBackend,
+}
+
+impl ProcessRole {
+    /// The file in the state directory that a handed-over VM's process
+    /// writes its stderr to.
+    pub(crate) fn stderr_file(self) -> &'static str {
+        match self {
+            Self::Vmm => "vmm.stderr",
+            Self::VsockBackend => "vsock.stderr",
+            Self::FsBackend => "fs.stderr",
+        }
+    }
 }
 
 impl fmt::Display for ProcessRole {
@@ -178,6 +191,8 @@ pub(crate) fn lost_supervisor() -> VmExit {
 pub(crate) enum Control {
     /// Marks the end as requested, then signals processes (`None`: all).
     Signal(Option<ProcessRole>, Signal),
+    /// Lets go of the VM for a hand-over ([`super::handover`]).
+    Release(tokio::sync::oneshot::Sender<Option<super::handover::Released>>),
 }
 
 /// A started VM: its processes run under a supervisor task. Dropping it
@@ -196,6 +211,7 @@ impl fmt::Debug for Control {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Signal(r, s) => write!(f, "Signal({r:?}, {s})"),
+            Self::Release(_) => f.write_str("Release"),
         }
     }
 }
