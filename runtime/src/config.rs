@@ -125,6 +125,32 @@ pub struct VmSettings {
     pub debug_console: bool,
 }
 
+/// The `[pool]` section: warm VMs ([`crate::pool`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSettings {
+    /// Pods ask the pool for a VM before booting one.
+    pub enabled: bool,
+    /// The pool's Unix socket.
+    pub socket: PathBuf,
+    /// Warm VMs of the default size (`vm.vcpus`, `vm.memory_mib`).
+    pub warm: u32,
+    /// Other sizes the pool keeps warm.
+    pub sizes: Vec<PoolSize>,
+}
+
+/// One more size of warm VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSize {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub warm: u32,
+}
+
+/// Most warm VMs of one size: beyond this a value is a typo.
+const POOL_WARM_CEILING: u32 = 64;
+
 /// The `[agent]` section.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -146,6 +172,7 @@ pub struct LogSettings {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub vm: VmSettings,
+    pub pool: PoolSettings,
     pub agent: AgentSettings,
     pub log: LogSettings,
     /// The file the values came from (`None`: the embedded default only).
@@ -300,6 +327,23 @@ impl Config {
         ] {
             in_range(key, mib, MEMORY_MIB_FLOOR, MEMORY_MIB_CEILING)?;
         }
+        in_range("pool.warm", self.pool.warm, 0, POOL_WARM_CEILING)?;
+        for size in &self.pool.sizes {
+            in_range("pool.sizes.vcpus", size.vcpus, 1, vm.max_vcpus)?;
+            in_range(
+                "pool.sizes.memory_mib",
+                size.memory_mib,
+                MEMORY_MIB_FLOOR,
+                vm.max_memory_mib,
+            )?;
+            in_range("pool.sizes.warm", size.warm, 0, POOL_WARM_CEILING)?;
+        }
+        if !self.pool.socket.is_absolute() {
+            return Err((
+                "pool.socket",
+                format!("\"{}\" is not an absolute path", self.pool.socket.display()),
+            ));
+        }
         let ms = u64::try_from(self.agent.dial_timeout.as_millis()).unwrap_or(u64::MAX);
         in_range(
             "agent.dial_timeout_ms",
@@ -331,6 +375,34 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The VM of a pod of `vcpus` and `memory_mib`, its state in `dir`
+    /// and `shared` shared into it: the one place a pod's VM is described,
+    /// for a cold boot and for the warm pool alike.
+    pub fn vm_config(
+        &self,
+        id: &str,
+        dir: &Path,
+        shared: &Path,
+        vcpus: u32,
+        memory_mib: u32,
+    ) -> crate::hypervisor::VmConfig {
+        let mut vm = crate::hypervisor::VmConfig::new(id, dir);
+        vm.kernel = self.vm.kernel.clone();
+        vm.initrd = self.vm.initrd.clone();
+        vm.kernel_params = self
+            .vm
+            .kernel_params
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        vm.vcpus = vcpus;
+        vm.memory_mib = memory_mib;
+        vm.shared_dir = Some(shared.to_path_buf());
+        vm.accel = crate::hypervisor::Accel::Auto;
+        vm.debug_console = self.vm.debug_console;
+        vm
     }
 
     /// Where the values came from, for messages.
@@ -446,6 +518,31 @@ mod tests {
         assert!(err("[agent]\ndial_timeout_ms = 5\n").contains("`agent.dial_timeout_ms`"));
         let e = err("[vm]\nvcpus = 8\nmax_vcpus = 4\n");
         assert!(e.contains("`vm.vcpus`") && e.contains("max_vcpus"), "{e}");
+    }
+
+    #[test]
+    fn pool_sizes_and_socket_are_checked() {
+        assert!(err("[pool]\nwarm = 1000\n").contains("`pool.warm`"));
+        assert!(err("[pool]\nsocket = \"pool.sock\"\n").contains("`pool.socket`"));
+        let e = err("[pool]\nsizes = [{ vcpus = 64, memory_mib = 512, warm = 1 }]\n");
+        assert!(e.contains("`pool.sizes.vcpus`"), "{e}");
+        let e = err("[pool]\nsizes = [{ vcpus = 1, memory_mib = 512 }]\n");
+        assert!(e.contains("warm"), "{e}");
+        let c = Config::from_str_named(
+            "[pool]\nenabled = false\nsizes = [{ vcpus = 2, memory_mib = 512, warm = 3 }]\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert!(!c.pool.enabled);
+        assert_eq!(
+            c.pool.sizes,
+            [PoolSize {
+                vcpus: 2,
+                memory_mib: 512,
+                warm: 3
+            }]
+        );
+        assert_eq!(c.pool.warm, Config::embedded().pool.warm);
     }
 
     #[test]

@@ -9,5 +9,6 @@ pub mod config;
 pub mod hypervisor;
 pub mod mounts;
 pub mod network;
+pub mod pool;
 pub mod sandbox;
 pub mod shim;

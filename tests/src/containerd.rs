@@ -120,10 +120,24 @@ pub fn test_nutshell_config(extra_vm: &str) -> String {
 /// [`test_nutshell_config`] with `dial_timeout` to reach the agent
 /// (`agent.dial_timeout_ms`).
 pub fn test_nutshell_config_dialing(extra_vm: &str, dial_timeout: Duration) -> String {
+    let pool = match std::env::var(TEST_POOL_ENV) {
+        Ok(socket) if !socket.is_empty() => format!("enabled = true\nsocket = \"{socket}\"\n"),
+        _ => "enabled = false\n".to_string(),
+    };
+    test_config(extra_vm, dial_timeout, &pool)
+}
+
+/// Names the socket of a warm pool the tests' pods claim from (see
+/// `tools/test.sh`); unset, their pods always boot cold, whatever pool
+/// the machine runs.
+pub const TEST_POOL_ENV: &str = "NUTSHELL_TEST_POOL_SOCKET";
+
+/// A test config whose `[pool]` section holds `pool` (TOML lines).
+pub fn test_config(extra_vm: &str, dial_timeout: Duration, pool: &str) -> String {
     let g = guest_dir();
     format!(
         "[vm]\nbackend = \"{}\"\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\n{extra_vm}\n\
-         [agent]\ndial_timeout_ms = {}\n[log]\nlevel = \"debug\"\n",
+         [pool]\n{pool}\n[agent]\ndial_timeout_ms = {}\n[log]\nlevel = \"debug\"\n",
         test_backend(),
         g.join("vmlinux").display(),
         g.join("initramfs.cpio.gz").display(),
@@ -632,6 +646,7 @@ impl Footprint {
                     .unwrap_or_default();
                 // Only nutshell's own: VM processes name the pod's state
                 // directory; other tests' VMs run elsewhere.
+                let text = String::from_utf8_lossy(&cmdline);
                 let mine = name == "containerd-shim-nutshell-v2"
                     || ([
                         "qemu-system-x86_64",
@@ -640,8 +655,8 @@ impl Footprint {
                         "vhost-device-vsock",
                     ]
                     .contains(&name.as_str())
-                        && String::from_utf8_lossy(&cmdline)
-                            .contains(&format!("{NUTSHELL_RUN_DIR}/")));
+                        && text.contains(&format!("{NUTSHELL_RUN_DIR}/"))
+                        && !is_warm(&text));
                 if mine {
                     processes.push((pid, name));
                 }
@@ -658,7 +673,24 @@ impl Footprint {
             state_dirs,
         }
     }
+}
 
+/// Whether a VM process's command line names a warm VM of a pool: one
+/// whose directory is still in the pool's. A claimed VM's processes keep
+/// naming the pool's directory they were started in, which has moved to
+/// the pod's by then, so they count as the pod's.
+fn is_warm(cmdline: &str) -> bool {
+    let pool = format!("{NUTSHELL_RUN_DIR}/pool/");
+    cmdline.split(&pool).skip(1).any(|rest| {
+        let name: String = rest
+            .chars()
+            .take_while(|c| *c != '/' && *c != ',' && *c != ' ')
+            .collect();
+        !name.is_empty() && Path::new(&pool).join(name).is_dir()
+    })
+}
+
+impl Footprint {
     /// Waits up to `timeout` for the footprint to equal `baseline`, returns
     /// the last one seen.
     pub fn settle_to(baseline: &Self, timeout: Duration) -> Self {

@@ -11,8 +11,9 @@ use tokio::task::JoinHandle;
 use crate::agent::{AgentClient, DialOptions};
 use crate::config::Config;
 use crate::hypervisor::select::select_backend;
-use crate::hypervisor::{Accel, Nic, VmConfig};
+use crate::hypervisor::{Hypervisor, Nic, RunningVm};
 use crate::network::{self, NetworkRecord, Plumbed, PodNetwork};
+use crate::pool::{claim::claim, VmShape};
 use crate::sandbox::Sandbox;
 
 use super::events::Events;
@@ -123,8 +124,17 @@ impl Pod {
     ) -> Result<Arc<Self>, ShimError> {
         check_id(&spec.key.pod).map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
         check_assets(config)?;
+        let hypervisor = select_backend(config.vm.backend).await.map_err(|e| {
+            ShimError::FailedPrecondition(format!(
+                "vm.backend = \"{}\" in {}: {}",
+                config.vm.backend,
+                config.source_name(),
+                chain(&e)
+            ))
+        })?;
         let dir = spec.key.dir();
         let shared = spec.key.shared_dir();
+        let claimed = claim_warm(spec, config, hypervisor.as_ref()).await;
         let prep = {
             let (dir, shared, key) = (dir.clone(), shared.clone(), spec.key.clone());
             tokio::task::spawn_blocking(move || -> Result<(), ShimError> {
@@ -171,7 +181,17 @@ impl Pod {
             }
             None => (None, Vec::new()),
         };
-        match Self::boot(spec, config, &dir, &shared, nics, mirror.as_ref()).await {
+        let booted = Self::boot(
+            spec,
+            config,
+            hypervisor.as_ref(),
+            (&dir, &shared),
+            nics,
+            mirror.as_ref(),
+            claimed,
+        )
+        .await;
+        match booted {
             Ok(sandbox) => {
                 let agent = sandbox.agent().clone();
                 let oom_watch = tokio::spawn(watch_oom(agent, events));
@@ -198,33 +218,19 @@ impl Pod {
     async fn boot(
         spec: &PodSpec,
         config: &Config,
-        dir: &Path,
-        shared: &Path,
+        hypervisor: &dyn Hypervisor,
+        (dir, shared): (&Path, &Path),
         nics: Vec<Nic>,
         mirror: Option<&Mirror>,
+        claimed: Option<RunningVm>,
     ) -> Result<Sandbox, ShimError> {
-        let hypervisor = select_backend(config.vm.backend).await.map_err(|e| {
-            ShimError::FailedPrecondition(format!(
-                "vm.backend = \"{}\" in {}: {}",
-                config.vm.backend,
-                config.source_name(),
-                chain(&e)
-            ))
-        })?;
-        let mut vm = VmConfig::new(spec.key.pod.clone(), dir);
-        vm.kernel = config.vm.kernel.clone();
-        vm.initrd = config.vm.initrd.clone();
-        vm.kernel_params = config
-            .vm
-            .kernel_params
-            .split_whitespace()
-            .map(String::from)
-            .collect();
-        vm.vcpus = spec.size.vcpus;
-        vm.memory_mib = spec.size.memory_mib;
-        vm.shared_dir = Some(shared.to_path_buf());
-        vm.accel = Accel::Auto;
-        vm.debug_console = config.vm.debug_console;
+        let mut vm = config.vm_config(
+            &spec.key.pod,
+            dir,
+            shared,
+            spec.size.vcpus,
+            spec.size.memory_mib,
+        );
         vm.nics = nics;
         let dial = DialOptions {
             deadline: config.agent.dial_timeout,
@@ -235,9 +241,22 @@ impl Pod {
             "starting the pod's VM"
         );
         let started = std::time::Instant::now();
-        let sandbox = Sandbox::start_relaunching(hypervisor.as_ref(), &vm, &dial)
-            .await
-            .map_err(|e| ShimError::Vm(chain(&e)))?;
+        let attached = match claimed {
+            Some(warm) => match Sandbox::attach(warm, &dial).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(pod = %spec.key.pod, error = %chain(&e), "the claimed warm VM's agent did not answer; booting cold");
+                    None
+                }
+            },
+            None => None,
+        };
+        let sandbox = match attached {
+            Some(s) => s,
+            None => Sandbox::start_relaunching(hypervisor, &vm, &dial)
+                .await
+                .map_err(|e| ShimError::Vm(chain(&e)))?,
+        };
         // The VMM holds its own copies of the taps now; closing ours ties
         // each tap's life to the VM's.
         drop(vm);
@@ -362,6 +381,47 @@ fn check_assets(config: &Config) -> Result<(), ShimError> {
         }
     }
     Ok(())
+}
+
+/// A warm VM from the pool for the pod, when the config allows one, the
+/// pod can use one and the pool has one. Whatever fails, the pod boots
+/// cold; the reason is logged at debug level.
+async fn claim_warm(
+    spec: &PodSpec,
+    config: &Config,
+    hypervisor: &dyn Hypervisor,
+) -> Option<RunningVm> {
+    let pod = &spec.key.pod;
+    let cold = |why: &dyn std::fmt::Display| {
+        tracing::debug!(%pod, "no warm VM, booting cold: {why}");
+    };
+    if !config.pool.enabled {
+        cold(&"pool.enabled is false");
+        return None;
+    }
+    if matches!(spec.network, NetworkMode::Mirrored(_)) {
+        cold(&"the pod mirrors a network namespace, and warm VMs have no NIC");
+        return None;
+    }
+    let dir = spec.key.dir();
+    let vm = config.vm_config(
+        pod,
+        &dir,
+        &spec.key.shared_dir(),
+        spec.size.vcpus,
+        spec.size.memory_mib,
+    );
+    let shape = VmShape::of(&vm, hypervisor.name())?;
+    match claim(&config.pool.socket, &shape, pod, &dir).await {
+        Ok(vm) => {
+            tracing::info!(%pod, size = %shape, "claimed a warm VM from the pool");
+            Some(vm)
+        }
+        Err(e) => {
+            cold(&chain(&e));
+            None
+        }
+    }
 }
 
 /// Reads and plumbs the pod's network namespace, when it has one to
