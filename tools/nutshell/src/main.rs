@@ -3,9 +3,11 @@
 //! `nutshell check` says whether this host can run nutshell and with which
 //! backend; its exit status is documented in [`check::ExitStatus`].
 //! `nutshell run` runs one container in its own microVM, without
-//! containerd; see [`run`].
+//! containerd; see [`run`]. `nutshell pool` keeps warm VMs for pods to
+//! claim; see [`pool`].
 
 mod check;
+mod pool;
 mod run;
 
 use std::path::PathBuf;
@@ -42,6 +44,9 @@ enum Command {
     /// 125 when nutshell itself failed, 127 when the rootfs lacks the
     /// command.
     Run(run::RunArgs),
+    /// Keep warm VMs, booted and with their agents ready, for pods to
+    /// claim instead of booting (until SIGTERM or SIGINT).
+    Pool(pool::PoolArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +69,7 @@ fn main() -> ExitCode {
             ExitCode::from(report.exit_status() as u8)
         }
         Command::Run(args) => run::main(args),
+        Command::Pool(args) => pool::main(args),
     }
 }
 

@@ -25,7 +25,11 @@ use nix::sys::signal::Signal;
 use nutshell_protocol::agent::CreateContainerRequest;
 use nutshell_runtime::agent::{AgentClient, AgentError, DialOptions};
 use nutshell_runtime::config::Backend;
-use nutshell_runtime::hypervisor::{sanitize_line, Accel, Hypervisor, VmConfig, GUEST_ASSETS_DIR};
+use nutshell_runtime::config::Config;
+use nutshell_runtime::hypervisor::{
+    sanitize_line, Accel, Hypervisor, RunningVm, VmConfig, GUEST_ASSETS_DIR,
+};
+use nutshell_runtime::pool::{claim::claim, VmShape};
 use nutshell_runtime::sandbox::{Sandbox, SandboxError};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
@@ -92,6 +96,11 @@ pub struct RunArgs {
     /// Verbose guest kernel console, printed to stderr when the VM stops.
     #[arg(long)]
     pub debug_console: bool,
+    /// Boot a VM even when the warm pool (`nutshell pool`) has one. By
+    /// default a VM of the run's size is claimed from the pool that the
+    /// nutshell config's `[pool]` names, when it runs.
+    #[arg(long)]
+    pub cold: bool,
     /// The command to run in the container, and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -133,6 +142,14 @@ async fn run(args: &RunArgs) -> Result<u8> {
     let hypervisor = backend::select(args.backend).await?;
     let mut signals = Signals::new()?;
 
+    RunDir::clean_leftover(&id)?;
+    let mut timing = Timing::new(args.timing);
+    timing.restart();
+    let claimed = if args.cold {
+        None
+    } else {
+        claim_warm(&id, args, hypervisor.name()).await
+    };
     let dir = RunDir::create(&id)?;
     let container = Container {
         args: args.command.clone(),
@@ -141,19 +158,18 @@ async fn run(args: &RunArgs) -> Result<u8> {
         guest_rootfs: dir.mount_rootfs(&rootfs, args.readonly)?,
         readonly: args.readonly,
     };
-    let mut vm = VmConfig::new(id.clone(), dir.path());
-    vm.kernel = PathBuf::from(&args.kernel);
-    vm.initrd = PathBuf::from(&args.initrd);
-    vm.vcpus = args.vcpus;
-    vm.memory_mib = args.memory_mib;
-    vm.shared_dir = Some(dir.shared_dir());
-    vm.accel = Accel::Auto;
-    vm.debug_console = args.debug_console;
+    let vm = vm_config(&id, args, dir.path());
 
-    let mut timing = Timing::new(args.timing);
     let watched = Watched::new(hypervisor.as_ref());
-    timing.restart();
-    let outcome = boot_and_run(&id, &container, &watched, &vm, &timing, &mut signals).await;
+    let outcome = boot_and_run(
+        &id,
+        &container,
+        (&watched, claimed),
+        &vm,
+        &timing,
+        &mut signals,
+    )
+    .await;
     if args.debug_console {
         dump_console(&dir.path().join("console.log"));
     }
@@ -205,12 +221,54 @@ enum Started {
     Interrupted(Signal, backend::Launched),
 }
 
-/// Boots the VM, runs the container, shuts the VM down. Returns the
-/// container's exit status.
+/// The VM the run's own would be, from the warm pool the nutshell config
+/// names, when it has one; `None` (logged at debug level) boots cold.
+async fn claim_warm(id: &str, args: &RunArgs, backend: &str) -> Option<RunningVm> {
+    let config = match Config::load(None) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!("no warm VM, booting cold: {e}");
+            return None;
+        }
+    };
+    if !config.pool.enabled {
+        tracing::debug!("no warm VM, booting cold: pool.enabled is false");
+        return None;
+    }
+    let target = workdir::run_dir(id);
+    let vm = vm_config(id, args, &target);
+    let shape = VmShape::of(&vm, backend)?;
+    match claim(&config.pool.socket, &shape, id, &target).await {
+        Ok(vm) => {
+            tracing::debug!(size = %shape, "claimed a warm VM from the pool");
+            Some(vm)
+        }
+        Err(e) => {
+            tracing::debug!("no warm VM, booting cold: {e}");
+            None
+        }
+    }
+}
+
+/// The run's VM, its state in `dir`.
+fn vm_config(id: &str, args: &RunArgs, dir: &Path) -> VmConfig {
+    let mut vm = VmConfig::new(id, dir);
+    vm.kernel = PathBuf::from(&args.kernel);
+    vm.initrd = PathBuf::from(&args.initrd);
+    vm.vcpus = args.vcpus;
+    vm.memory_mib = args.memory_mib;
+    vm.shared_dir = Some(dir.join("shared"));
+    vm.accel = Accel::Auto;
+    vm.debug_console = args.debug_console;
+    vm
+}
+
+/// Boots the VM (or takes the claimed one), runs the container, shuts the
+/// VM down. Returns the container's exit status.
 async fn boot_and_run(
     id: &str,
     container: &Container,
-    hypervisor: &Watched<'_>,
+    (hypervisor, claimed): (&Watched<'_>, Option<RunningVm>),
     vm: &VmConfig,
     timing: &Timing,
     signals: &mut Signals,
@@ -219,7 +277,23 @@ async fn boot_and_run(
         deadline: AGENT_DEADLINE,
         ..DialOptions::default()
     };
-    let started = start(hypervisor, vm, &dial, timing, signals).await;
+    let attached = match claimed {
+        Some(warm) => {
+            timing.mark("vm-launched");
+            match Sandbox::attach(warm, &dial).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the claimed warm VM's agent did not answer; booting cold");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let started = match attached {
+        Some(s) => Started::Up(s, None),
+        None => start(hypervisor, vm, &dial, timing, signals).await,
+    };
     let (sandbox, signalled) = match started {
         Started::Up(sandbox, signalled) => (sandbox, signalled),
         Started::Failed(e) => {

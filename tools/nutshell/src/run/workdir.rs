@@ -31,12 +31,9 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Creates `/run/nutshell/<id>` (mode 0700: it holds the VM's sockets)
-    /// with a shared `shared/` in it. What a dead run with the same id left
-    /// there is cleaned away first (the id holds our pid, so its owner is
-    /// gone).
-    pub fn create(id: &str) -> Result<Self> {
-        use std::os::unix::fs::DirBuilderExt;
+    /// Removes what a dead run with the same id left in `/run/nutshell/<id>`
+    /// (the id holds our pid, so its owner is gone).
+    pub fn clean_leftover(id: &str) -> Result<()> {
         let path = run_dir(id);
         if path.exists() {
             clean(&path).with_context(|| {
@@ -46,6 +43,15 @@ impl RunDir {
                 )
             })?;
         }
+        Ok(())
+    }
+
+    /// Creates `/run/nutshell/<id>` (mode 0700: it holds the VM's sockets)
+    /// with a shared `shared/` in it, or takes it over from a warm VM the
+    /// pool moved there, which has both already.
+    pub fn create(id: &str) -> Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = run_dir(id);
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
