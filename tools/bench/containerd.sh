@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # containerd benchmark of the nutshell shim, on a private containerd
 # (tools/lib/containerd.sh):
-#   - `ctr run --rm ... true` wall time, p50/p99 over N runs, nutshell beside
-#     runc (io.containerd.runc.v2) in the same run;
+#   - `ctr run --rm ... true` wall time, p50/p99 over N runs: runc
+#     (io.containerd.runc.v2), nutshell booting cold, and nutshell claiming
+#     a warm VM from a pool (`nutshell pool`, one VM kept warm; each run
+#     starts once the pool has refilled), all in the same run;
 #   - shim RSS per pod (an idle `sleep` pod);
 #   - PSS of the whole idle pod: the shim plus the VM's processes (QEMU,
 #     vhost-device-vsock, virtiofsd and its sandbox child).
@@ -10,9 +12,9 @@
 #   tools/bench/containerd.sh [--runs N] [--release]
 #
 # Needs root, containerd, the guest image and the VM backends
-# (tools/setup.sh). Uses the workspace's shim build (debug, or --release),
-# not the installed one; the nutshell config is $NUTSHELL_CONFIG or
-# /etc/nutshell/config.toml or the built-in default.
+# (tools/setup.sh). Uses the workspace's shim and nutshell builds (debug,
+# or --release), not the installed ones, and the built-in default config
+# with its own pool socket.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -28,17 +30,29 @@ while (($#)); do
 done
 
 if [[ $PROFILE == release ]]; then
-  cargo build -q --release -p nutshell-runtime --bin containerd-shim-nutshell-v2
+  cargo build -q --release -p nutshell-runtime --bin containerd-shim-nutshell-v2 -p nutshell
 else
-  cargo build -q -p nutshell-runtime --bin containerd-shim-nutshell-v2
+  cargo build -q -p nutshell-runtime --bin containerd-shim-nutshell-v2 -p nutshell
 fi
 export NS_SHIM_DIR=$PWD/target/$PROFILE
+bench_dir=/run/nutshell-bench-$$
+# The shim reads this config (containerd passes the environment on); the
+# pool below serves its socket while the warm runs are timed.
+export NUTSHELL_CONFIG=/run/nutshell-bench-$$.toml
+printf '[pool]\nsocket = "%s"\nwarm = 1\n' "$bench_dir.pool.sock" >"$NUTSHELL_CONFIG"
 # shellcheck source=tools/lib/paths.sh
 source tools/lib/paths.sh
 # shellcheck source=tools/lib/containerd.sh
 source tools/lib/containerd.sh
-trap ns_containerd_stop EXIT
-ns_containerd_start "/run/nutshell-bench-$$"
+pool_pid=
+stop_pool() {
+  [[ -n $pool_pid ]] || return 0
+  kill "$pool_pid" 2>/dev/null || true
+  wait "$pool_pid" 2>/dev/null || true
+  pool_pid=
+}
+trap 'stop_pool; ns_containerd_stop; rm -f "$NUTSHELL_CONFIG" "$bench_dir.pool.log"' EXIT
+ns_containerd_start "$bench_dir"
 
 echo "host: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg); $(containerd --version | cut -d' ' -f1,3)"
 echo "shim: target/$PROFILE/containerd-shim-nutshell-v2; guest: $(head -1 "$NUTSHELL_GUEST_DIR/VERSION" 2>/dev/null || echo '?')"
@@ -50,21 +64,34 @@ percentile() {
   sort -n | awk -v p="$1" '{v[NR]=$1} END {i=int((p/100)*NR+0.999999); if (i<1) i=1; print v[i]}'
 }
 
-# time_runs RUNTIME: N runs of `true`, one duration (ms) per line
+# warm_vms: how many VMs the pool has made warm since it started
+warm_vms() { grep -c 'warm VM ready' "$bench_dir.pool.log" 2>/dev/null || true; }
+
+# time_runs RUNTIME [warm]: N runs of `true`, one duration (ms) per line;
+# with `warm`, each run waits until the pool has a VM again
 time_runs() {
-  local runtime=$1 i t0
+  local runtime=$1 warm=${2:-} i t0 j
   for ((i = 0; i < RUNS; i++)); do
+    if [[ -n $warm ]]; then
+      for ((j = 0; j < 600 && $(warm_vms) < i + 1; j++)); do sleep 0.1; done
+      (($(warm_vms) >= i + 1)) || { echo "the pool did not refill; its log:" >&2; tail "$bench_dir.pool.log" >&2; exit 1; }
+    fi
     t0=$(now_ms)
     ns_ctr run --rm --runtime "$runtime" "$NS_BUSYBOX_IMAGE" "bench-$i" true </dev/null >/dev/null
     echo $(($(now_ms) - t0))
   done
 }
 
-printf '\n%-28s %8s %8s  (ctr run --rm ... true, %d runs each)\n' runtime p50_ms p99_ms "$RUNS"
-for rt in io.containerd.runc.v2 io.containerd.nutshell.v2; do
-  times=$(time_runs "$rt")
-  printf '%-28s %8s %8s\n' "$rt" "$(percentile 50 <<<"$times")" "$(percentile 99 <<<"$times")"
-done
+row() { printf '%-34s %8s %8s\n' "$1" "$(percentile 50 <<<"$2")" "$(percentile 99 <<<"$2")"; }
+printf '\n%-34s %8s %8s  (ctr run --rm ... true, %d runs each)\n' runtime p50_ms p99_ms "$RUNS"
+row io.containerd.runc.v2 "$(time_runs io.containerd.runc.v2)"
+row "io.containerd.nutshell.v2 (cold)" "$(time_runs io.containerd.nutshell.v2)"
+"target/$PROFILE/nutshell" pool --config "$NUTSHELL_CONFIG" 2>"$bench_dir.pool.log" &
+pool_pid=$!
+row "io.containerd.nutshell.v2 (pool)" "$(time_runs io.containerd.nutshell.v2 warm)"
+claimed=$(grep -c 'VM claimed' "$bench_dir.pool.log" || true)
+echo "  warm VMs claimed: $claimed of $RUNS runs"
+stop_pool
 
 # An idle pod: memory of the shim and of the whole pod.
 ns_ctr run -d --runtime io.containerd.nutshell.v2 "$NS_BUSYBOX_IMAGE" bench-idle sleep 100000 </dev/null >/dev/null

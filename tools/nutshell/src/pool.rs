@@ -41,6 +41,7 @@ fn run(args: PoolArgs) -> Result<()> {
                 config.log.level.as_str(),
             ))
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

@@ -84,6 +84,9 @@ struct Inner {
     launcher: Box<dyn PodLauncher>,
     pod: tokio::sync::Mutex<Option<Arc<dyn PodApi>>>,
     containers: Slots,
+    /// The ending of a pod whose owner was deleted: it runs after Delete
+    /// has answered, and the shim exits only once it is done.
+    teardown: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -114,6 +117,7 @@ impl TaskService {
                 launcher,
                 pod: tokio::sync::Mutex::new(None),
                 containers: Mutex::new(HashMap::new()),
+                teardown: Mutex::new(None),
             }),
         }
     }
@@ -503,8 +507,8 @@ impl Inner {
         }
         lock(&self.containers).remove(&req.id);
         if c.owns_pod {
-            if let Some(pod) = &pod {
-                self.end_pod(pod).await;
+            if let Some(pod) = pod {
+                self.end_pod_after_reply(pod).await;
             }
         }
         tracing::info!(container = %req.id, status, "container deleted");
@@ -521,14 +525,40 @@ impl Inner {
         Ok(resp)
     }
 
-    /// Ends the pod: whatever still runs in it exits with the VM.
-    async fn end_pod(&self, pod: &Arc<dyn PodApi>) {
-        self.drop_pod(pod).await;
-        for c in self.created() {
-            for p in c.processes() {
-                p.stop_relays().await;
-                self.publish_exit(&p, VM_GONE_EXIT_STATUS, SystemTime::now())
-                    .await;
+    /// Ends the pod once its owner is deleted: whatever still runs in it
+    /// exits with the VM. The owner's exit is recorded, its output drained
+    /// and its filesystems detached by now, so nothing can be lost: the
+    /// VM's power-off (a tenth of a second or more) runs after Delete has
+    /// answered, off the caller's path. New requests find no pod at once;
+    /// Shutdown waits for the end before the shim exits, and should the
+    /// shim die meanwhile, `shim delete` cleans up as after any crash.
+    async fn end_pod_after_reply(self: &Arc<Self>, pod: Arc<dyn PodApi>) {
+        {
+            let mut guard = self.pod.lock().await;
+            if guard.as_ref().is_some_and(|p| Arc::ptr_eq(p, &pod)) {
+                *guard = None;
+            }
+        }
+        let me = self.clone();
+        let end = tokio::spawn(async move {
+            pod.shutdown().await;
+            for c in me.created() {
+                for p in c.processes() {
+                    p.stop_relays().await;
+                    me.publish_exit(&p, VM_GONE_EXIT_STATUS, SystemTime::now())
+                        .await;
+                }
+            }
+        });
+        *lock(&self.teardown) = Some(end);
+    }
+
+    /// Waits until a pod's ending that Delete started is done.
+    async fn teardown_done(&self) {
+        let end = lock(&self.teardown).take();
+        if let Some(end) = end {
+            if let Err(e) = end.await {
+                tracing::error!(error = %e, "the pod's teardown failed");
             }
         }
     }
@@ -638,16 +668,22 @@ impl Inner {
         Ok(())
     }
 
-    async fn shutdown(&self) {
+    /// Answers at once and exits once the pod has ended: containerd waits
+    /// for this answer inside its Delete, with a timeout.
+    async fn shutdown(self: &Arc<Self>) {
         if !lock(&self.containers).is_empty() {
             tracing::debug!("shutdown requested while containers remain; staying up");
             return;
         }
-        let pod = self.pod.lock().await.clone();
-        if let Some(pod) = pod {
-            self.drop_pod(&pod).await;
-        }
-        tracing::info!("no task left; shim exits");
-        self.exit.signal();
+        let me = self.clone();
+        tokio::spawn(async move {
+            me.teardown_done().await;
+            let pod = me.pod.lock().await.clone();
+            if let Some(pod) = pod {
+                me.drop_pod(&pod).await;
+            }
+            tracing::info!("no task left; shim exits");
+            me.exit.signal();
+        });
     }
 }

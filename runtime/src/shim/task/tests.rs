@@ -374,6 +374,8 @@ async fn create_start_wait_delete() {
     assert_eq!(deleted.exit_status, 3);
     assert_eq!(h.ctl.count("RemoveContainer"), 1);
     assert_eq!(h.ctl.count("Detach"), 1);
+    // The VM's power-off runs after Delete answered.
+    h.inner().teardown_done().await;
     assert_eq!(
         h.ctl.shutdowns.load(Ordering::SeqCst),
         1,
