@@ -173,6 +173,11 @@ if [[ $MODE == all ]]; then
     echo "installed /etc/nutshell/config.toml (the built-in default)"
   fi
 
+  step "warm pool: the nutshell-pool systemd unit, installed disabled"
+  install -D -m 0644 tools/systemd/nutshell-pool.service /etc/systemd/system/nutshell-pool.service
+  echo "installed /etc/systemd/system/nutshell-pool.service; it keeps [pool] warm VMs booted"
+  echo "(host memory while they wait): systemctl enable --now nutshell-pool, or run nutshell pool"
+
   step "containerd: a drop-in with the nutshell runtime for the machine's containerd"
   mkdir -p /etc/containerd/conf.d
   # shellcheck source=tools/lib/containerd.sh

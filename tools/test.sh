@@ -22,11 +22,14 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "build the static agent (tests/tests/agent_host/ runs it)"
 tools/build-agent.sh >/dev/null
 
-step "build the shim and nutshell-runc (tests/tests/containerd_*.rs run the shim under a private containerd, engine_*.rs nutshell-runc under private Docker and Podman, each in a network namespace of its own)"
-cargo build -p nutshell-runtime --bin containerd-shim-nutshell-v2 -p nutshell-runc --bin nutshell-runc
+step "build the shim, nutshell-runc and nutshell (tests/tests/containerd_*.rs run the shim under a private containerd, with nutshell pool under NUTSHELL_TEST_POOL=1; engine_*.rs nutshell-runc under private Docker and Podman, each in a network namespace of its own)"
+cargo build -p nutshell-runtime --bin containerd-shim-nutshell-v2 -p nutshell-runc --bin nutshell-runc -p nutshell --bin nutshell
 
 step "cargo test"
 cargo test --workspace
+
+step "the containerd suites of lone containers once more, their pods claiming warm VMs (each private containerd runs a nutshell pool; CRI and CNI pods mirror a network namespace and boot cold either way)"
+NUTSHELL_TEST_POOL=1 cargo test -p nutshell-tests --test containerd_ctr --test containerd_faults --test containerd_parallel
 
 step "fuzz the VMM's guest-facing parsers for a bounded time (cargo-fuzz, nightly)"
 # Built outside the clone, so a clean clone reuses the instrumented build.

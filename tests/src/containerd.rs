@@ -61,6 +61,12 @@ pub fn shim_binary() -> Option<PathBuf> {
     built_binary("NUTSHELL_SHIM_BIN", "containerd-shim-nutshell-v2")
 }
 
+/// The built `nutshell` CLI (`nutshell pool` under [`TEST_POOL_ENV`]):
+/// `$NUTSHELL_CLI_BIN`, else the workspace's debug or release build.
+pub fn nutshell_cli_binary() -> Option<PathBuf> {
+    built_binary("NUTSHELL_CLI_BIN", "nutshell")
+}
+
 /// The built runc-compatible CLI that Docker and Podman run
 /// (`cargo build -p nutshell-runc`): `$NUTSHELL_RUNC_BIN`, else the
 /// workspace's debug or release build.
@@ -118,19 +124,17 @@ pub fn test_nutshell_config(extra_vm: &str) -> String {
 }
 
 /// [`test_nutshell_config`] with `dial_timeout` to reach the agent
-/// (`agent.dial_timeout_ms`).
+/// (`agent.dial_timeout_ms`). Its pods boot cold, whatever pool the
+/// machine runs; under [`TEST_POOL_ENV`] the private containerd gives
+/// them a pool of its own.
 pub fn test_nutshell_config_dialing(extra_vm: &str, dial_timeout: Duration) -> String {
-    let pool = match std::env::var(TEST_POOL_ENV) {
-        Ok(socket) if !socket.is_empty() => format!("enabled = true\nsocket = \"{socket}\"\n"),
-        _ => "enabled = false\n".to_string(),
-    };
-    test_config(extra_vm, dial_timeout, &pool)
+    test_config(extra_vm, dial_timeout, "enabled = false\n")
 }
 
-/// Names the socket of a warm pool the tests' pods claim from (see
-/// `tools/test.sh`); unset, their pods always boot cold, whatever pool
-/// the machine runs.
-pub const TEST_POOL_ENV: &str = "NUTSHELL_TEST_POOL_SOCKET";
+/// Set to 1, every private containerd runs a warm pool (`nutshell pool`)
+/// for the pods of a config that has none (`tools/test.sh` runs the
+/// containerd suites once more so).
+pub const TEST_POOL_ENV: &str = "NUTSHELL_TEST_POOL";
 
 /// A test config whose `[pool]` section holds `pool` (TOML lines).
 pub fn test_config(extra_vm: &str, dial_timeout: Duration, pool: &str) -> String {
@@ -169,6 +173,8 @@ pub fn guest_kernel_release() -> Option<String> {
 pub struct Containerd {
     dir: PathBuf,
     child: Option<Child>,
+    /// The warm pool its pods claim from, under [`TEST_POOL_ENV`].
+    pool: Option<Child>,
     /// containerd's gRPC socket (also the CRI endpoint).
     pub socket: PathBuf,
     /// The nutshell config the shim reads (via `NUTSHELL_CONFIG`).
@@ -219,15 +225,22 @@ impl Containerd {
         }
         let shim = shim_binary().ok_or_else(|| io::Error::other("shim binary not built"))?;
         symlink(&shim, dir.join("bin/containerd-shim-nutshell-v2"))?;
+        let pool_socket = dir.join("pool.sock");
+        let with_pool = |text: &str| with_test_pool(text, &pool_socket);
         let nutshell_config_path = dir.join("nutshell.toml");
-        fs::write(&nutshell_config_path, nutshell_config)?;
+        fs::write(&nutshell_config_path, with_pool(nutshell_config)?)?;
         let cri_config_path = match cri_config {
             Some(text) => {
                 let p = dir.join("nutshell-cri.toml");
-                fs::write(&p, text)?;
+                fs::write(&p, with_pool(text)?)?;
                 p
             }
             None => nutshell_config_path.clone(),
+        };
+        let pool = if pool_socket_in(&nutshell_config_path)? == Some(pool_socket.clone()) {
+            Some(start_pool(&nutshell_config_path, &dir.join("pool.log"))?)
+        } else {
+            None
         };
         fs::write(
             dir.join("config.toml"),
@@ -237,6 +250,7 @@ impl Containerd {
         let mut c = Self {
             dir,
             child: None,
+            pool,
             socket,
             nutshell_config: nutshell_config_path,
             netns: netns.map(TestNetns::path),
@@ -470,6 +484,9 @@ impl Drop for Containerd {
             self.remove_everything();
         }
         let _ = self.stop();
+        if let Some(pool) = self.pool.take() {
+            let _ = terminate(pool, Duration::from_secs(30));
+        }
         // containerd's snapshots are unmounted once no task uses them; what
         // is still mounted under the private root is unmounted here so the
         // directory can go.
@@ -480,6 +497,59 @@ impl Drop for Containerd {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// `text` with a warm pool on `socket` when [`TEST_POOL_ENV`] asks for one
+/// and the config has its pool off; else `text` as it is.
+fn with_test_pool(text: &str, socket: &Path) -> io::Result<String> {
+    if std::env::var(TEST_POOL_ENV).as_deref() != Ok("1") {
+        return Ok(text.to_string());
+    }
+    let mut t: toml::Table = text.parse().map_err(io::Error::other)?;
+    let pool = t
+        .entry("pool")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(pool) = pool.as_table_mut() else {
+        return Err(io::Error::other("[pool] is not a table"));
+    };
+    if pool.get("enabled").and_then(toml::Value::as_bool) != Some(false) {
+        return Ok(text.to_string());
+    }
+    pool.insert("enabled".into(), true.into());
+    pool.insert("socket".into(), socket.display().to_string().into());
+    pool.insert("warm".into(), 1.into());
+    Ok(t.to_string())
+}
+
+/// The pool socket of the config at `path`, when its pool is on.
+fn pool_socket_in(path: &Path) -> io::Result<Option<PathBuf>> {
+    let t: toml::Table = fs::read_to_string(path)?
+        .parse()
+        .map_err(io::Error::other)?;
+    let pool = t.get("pool").and_then(toml::Value::as_table);
+    let on = pool
+        .and_then(|p| p.get("enabled"))
+        .and_then(toml::Value::as_bool)
+        == Some(true);
+    Ok(pool
+        .filter(|_| on)
+        .and_then(|p| p.get("socket"))
+        .and_then(toml::Value::as_str)
+        .map(PathBuf::from))
+}
+
+/// `nutshell pool --config config`, logging to `log`.
+fn start_pool(config: &Path, log: &Path) -> io::Result<Child> {
+    let cli = nutshell_cli_binary().ok_or_else(|| {
+        io::Error::other("needs the built nutshell CLI (cargo build -p nutshell)")
+    })?;
+    Command::new(cli)
+        .args(["pool", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(log)?)
+        .spawn()
 }
 
 /// `tools/lib/containerd-config.toml` for a containerd in `dir` whose CRI
@@ -663,13 +733,24 @@ impl Footprint {
             }
         }
         processes.sort();
+        // The pools' own directory, and what warm VMs hold in it, belong
+        // to no pod.
+        let pool_dir = Path::new(NUTSHELL_RUN_DIR).join("pool");
         let mut state_dirs: Vec<PathBuf> = fs::read_dir(NUTSHELL_RUN_DIR)
-            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| *p != pool_dir)
+                    .collect()
+            })
             .unwrap_or_default();
         state_dirs.sort();
         Self {
             processes,
-            mounts: mounts_below(Path::new(NUTSHELL_RUN_DIR)),
+            mounts: mounts_below(Path::new(NUTSHELL_RUN_DIR))
+                .into_iter()
+                .filter(|m| !m.starts_with(&pool_dir))
+                .collect(),
             state_dirs,
         }
     }
