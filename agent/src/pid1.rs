@@ -157,7 +157,12 @@ pub fn setup() -> Result<(), Pid1Error> {
         nodev,
         Some("nsdelegate"),
     ) {
-        Ok(()) => enable_cgroup_controllers(Path::new("/sys/fs/cgroup")),
+        Ok(()) => {
+            enable_cgroup_controllers(Path::new("/sys/fs/cgroup"));
+            if let Err(e) = crate::cgroup::prepare_parent() {
+                tracing::warn!("{e}");
+            }
+        }
         Err(e) => tracing::warn!("cgroup v2 unavailable, containers run without cgroups: {e}"),
     }
     if let Err(e) = loopback_up() {

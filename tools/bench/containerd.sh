@@ -30,9 +30,9 @@ while (($#)); do
 done
 
 if [[ $PROFILE == release ]]; then
-  cargo build -q --release -p nutshell-runtime --bin containerd-shim-nutshell-v2 -p nutshell
+  cargo build -q --release -p nutshell-runtime -p nutshell --bin containerd-shim-nutshell-v2 --bin nutshell
 else
-  cargo build -q -p nutshell-runtime --bin containerd-shim-nutshell-v2 -p nutshell
+  cargo build -q -p nutshell-runtime -p nutshell --bin containerd-shim-nutshell-v2 --bin nutshell
 fi
 export NS_SHIM_DIR=$PWD/target/$PROFILE
 bench_dir=/run/nutshell-bench-$$
