@@ -337,23 +337,7 @@ pub(crate) async fn watch(
 /// threads all inherited [`POOL_NICE`]). Best effort: a thread that ends
 /// meanwhile is skipped.
 pub fn renice_groups(leaders: &[u32], nice: i32) {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Some(pgid) = process_group(pid) else {
-            continue;
-        };
-        if !leaders.contains(&pgid) {
-            continue;
-        }
+    for pid in super::memory::processes_in_groups(leaders).unwrap_or_default() {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
             continue;
         };
@@ -368,13 +352,6 @@ pub fn renice_groups(leaders: &[u32], nice: i32) {
             }
         }
     }
-}
-
-/// The process group of `pid` (`/proc/<pid>/stat` field 5).
-fn process_group(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(2)?.parse().ok()
 }
 
 /// Kills the processes of a VM that was released but not taken, and waits

@@ -24,6 +24,22 @@ pub struct HostMemory {
 /// helper it forked, such as virtiofsd's sandbox child).
 pub fn host_memory(pgids: &[u32]) -> io::Result<HostMemory> {
     let mut total = HostMemory::default();
+    for pid in processes_in_groups(pgids)? {
+        // The process may have exited since; skip it then.
+        let Ok(rollup) = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else {
+            continue;
+        };
+        let (rss, pss) = parse_rollup(&rollup);
+        total.rss_kib += rss;
+        total.pss_kib += pss;
+        total.processes += 1;
+    }
+    Ok(total)
+}
+
+/// Every process whose process group is one of `pgids`.
+pub(crate) fn processes_in_groups(pgids: &[u32]) -> io::Result<Vec<u32>> {
+    let mut found = Vec::new();
     for entry in fs::read_dir("/proc")? {
         let Ok(entry) = entry else { continue };
         let Some(pid) = entry
@@ -36,20 +52,11 @@ pub fn host_memory(pgids: &[u32]) -> io::Result<HostMemory> {
         let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        let Some(pgrp) = pgrp_of(&stat) else { continue };
-        if !pgids.contains(&pgrp) {
-            continue;
+        if pgrp_of(&stat).is_some_and(|g| pgids.contains(&g)) {
+            found.push(pid);
         }
-        // The process may have exited since; skip it then.
-        let Ok(rollup) = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else {
-            continue;
-        };
-        let (rss, pss) = parse_rollup(&rollup);
-        total.rss_kib += rss;
-        total.pss_kib += pss;
-        total.processes += 1;
     }
-    Ok(total)
+    Ok(found)
 }
 
 /// The process group from `/proc/<pid>/stat`. The command name (field 2)
