@@ -31,7 +31,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::process::Command;
 use tokio::sync::watch;
 
-use super::supervisor::{Order, ProcessTree, StateFiles};
+use super::console::last_lines;
+use super::supervisor::{ChildExit, Order, ProcessTree, StateFiles, TreeChild, STDERR_TAIL_LINES};
 use super::vm::{Control, ProcessRole, ProcessStatus, RunningVm};
 use super::HypervisorError;
 
@@ -205,6 +206,88 @@ impl RunningVm {
             )?;
         }
         Ok(tree.into_running(agent))
+    }
+}
+
+/// The process tree's side of a hand-over.
+impl ProcessTree {
+    /// Takes over a process another runtime process started and handed
+    /// over ([`super::handover`]): it is watched and signalled through
+    /// `pidfd`, since only its parent can reap it.
+    pub(crate) fn adopt(
+        &mut self,
+        role: ProcessRole,
+        program: &str,
+        pid: u32,
+        pidfd: OwnedFd,
+        stderr_file: PathBuf,
+    ) -> Result<(), HypervisorError> {
+        let watched = PidFd::new(pidfd).map_err(|source| HypervisorError::Spawn {
+            program: program.to_string(),
+            source,
+        })?;
+        let (signal, signal_rx) = watch::channel(None);
+        let index = self.children.len();
+        let exits = self.exits_tx.clone();
+        tokio::spawn(async move {
+            let status = watch(watched, pid, signal_rx).await;
+            let _ = exits.send(ChildExit {
+                index,
+                status,
+                stderr_tail: last_lines(&stderr_file, STDERR_TAIL_LINES),
+            });
+        });
+        self.children.push(TreeChild {
+            role,
+            program: program.to_string(),
+            pid,
+            signal,
+            exited: false,
+            pidfd: None,
+        });
+        Ok(())
+    }
+
+    /// Lets go of every process, if all of them still run: their tasks
+    /// only reap them from now on, and the state files stay. `None` when
+    /// a process has ended (its exit is put back for [`Self::finish`]) or
+    /// the VM was not started for a hand-over.
+    pub(super) fn release(&mut self) -> Option<Released> {
+        if !self.handover || self.children.iter().any(|c| c.pidfd.is_none()) {
+            return None;
+        }
+        if let Ok(exit) = self.exits_rx.try_recv() {
+            let _ = self.exits_tx.send(exit);
+            return None;
+        }
+        let mut processes = Vec::with_capacity(self.children.len());
+        for c in &mut self.children {
+            let _ = c.signal.send_replace(Some(Order::Release));
+            if let Some(pidfd) = c.pidfd.take() {
+                processes.push(ReleasedProcess {
+                    role: c.role,
+                    program: c.program.clone(),
+                    pid: c.pid,
+                    pidfd,
+                });
+            }
+        }
+        let state = std::mem::replace(
+            &mut self.state,
+            StateFiles {
+                dir: PathBuf::new(),
+                created_dir: false,
+                files: Vec::new(),
+                mounts: Vec::new(),
+                console_log: PathBuf::new(),
+                keep_console: true,
+            },
+        );
+        Some(Released {
+            vm_id: self.vm_id.clone(),
+            processes,
+            state,
+        })
     }
 }
 

@@ -31,7 +31,7 @@ use tokio::time::{sleep, timeout, Instant};
 use std::os::fd::OwnedFd;
 
 use super::console::{last_lines, sanitize_line};
-use super::handover::{self, Released, ReleasedProcess};
+use super::handover;
 use super::vm::{Control, ProcessRole, ProcessStatus, RunningVm, VmEndWatch, VmExit};
 use super::HypervisorError;
 
@@ -40,7 +40,7 @@ const CONSOLE_TAIL_LINES: usize = 20;
 /// How long the VMM gets to follow a backend that ended first.
 const VMM_FOLLOWS: Duration = Duration::from_millis(300);
 /// Stderr lines kept per process.
-const STDERR_TAIL_LINES: usize = 10;
+pub(super) const STDERR_TAIL_LINES: usize = 10;
 /// Longest stderr line buffered before it is cut.
 const MAX_STDERR_LINE: usize = 1024;
 /// How long killed processes get to be reaped before the supervisor gives up
@@ -132,15 +132,15 @@ impl StateFiles {
     }
 }
 
-struct TreeChild {
-    role: ProcessRole,
-    program: String,
-    pid: u32,
-    signal: watch::Sender<Option<Order>>,
-    exited: bool,
+pub(super) struct TreeChild {
+    pub(super) role: ProcessRole,
+    pub(super) program: String,
+    pub(super) pid: u32,
+    pub(super) signal: watch::Sender<Option<Order>>,
+    pub(super) exited: bool,
     /// Opened before anything could reap the process, so it names this
     /// process for sure; only for VMs that may be handed over.
-    pidfd: Option<OwnedFd>,
+    pub(super) pidfd: Option<OwnedFd>,
 }
 
 /// What a process's reaping task is told.
@@ -153,20 +153,20 @@ pub(crate) enum Order {
 }
 
 pub(crate) struct ChildExit {
-    index: usize,
-    status: ProcessStatus,
-    stderr_tail: Vec<String>,
+    pub(super) index: usize,
+    pub(super) status: ProcessStatus,
+    pub(super) stderr_tail: Vec<String>,
 }
 
 /// The processes of a VM being started; becomes a [`RunningVm`].
 pub(crate) struct ProcessTree {
-    vm_id: String,
-    children: Vec<TreeChild>,
-    exits_tx: mpsc::UnboundedSender<ChildExit>,
-    exits_rx: mpsc::UnboundedReceiver<ChildExit>,
-    state: StateFiles,
+    pub(super) vm_id: String,
+    pub(super) children: Vec<TreeChild>,
+    pub(super) exits_tx: mpsc::UnboundedSender<ChildExit>,
+    pub(super) exits_rx: mpsc::UnboundedReceiver<ChildExit>,
+    pub(super) state: StateFiles,
     /// The VM may be handed to another process (the warm pool's).
-    handover: bool,
+    pub(super) handover: bool,
 }
 
 impl ProcessTree {
@@ -267,43 +267,6 @@ impl ProcessTree {
         Ok(pid)
     }
 
-    /// Takes over a process another runtime process started and handed
-    /// over ([`super::handover`]): it is watched and signalled through
-    /// `pidfd`, since only its parent can reap it.
-    pub(crate) fn adopt(
-        &mut self,
-        role: ProcessRole,
-        program: &str,
-        pid: u32,
-        pidfd: OwnedFd,
-        stderr_file: PathBuf,
-    ) -> Result<(), HypervisorError> {
-        let watched = handover::PidFd::new(pidfd).map_err(|source| HypervisorError::Spawn {
-            program: program.to_string(),
-            source,
-        })?;
-        let (signal, signal_rx) = watch::channel(None);
-        let index = self.children.len();
-        let exits = self.exits_tx.clone();
-        tokio::spawn(async move {
-            let status = handover::watch(watched, pid, signal_rx).await;
-            let _ = exits.send(ChildExit {
-                index,
-                status,
-                stderr_tail: last_lines(&stderr_file, STDERR_TAIL_LINES),
-            });
-        });
-        self.children.push(TreeChild {
-            role,
-            program: program.to_string(),
-            pid,
-            signal,
-            exited: false,
-            pidfd: None,
-        });
-        Ok(())
-    }
-
     /// Waits until `socket` exists (a vhost-user backend listens on it).
     /// Fails when any process of the VM ends first, or after `limit`.
     pub(crate) async fn wait_for_socket(
@@ -382,48 +345,6 @@ impl ProcessTree {
                 let _ = c.signal.send_replace(Some(Order::Signal(sig)));
             }
         }
-    }
-
-    /// Lets go of every process, if all of them still run: their tasks
-    /// only reap them from now on, and the state files stay. `None` when
-    /// a process has ended (its exit is put back for [`Self::finish`]) or
-    /// the VM was not started for a hand-over.
-    fn release(&mut self) -> Option<Released> {
-        if !self.handover || self.children.iter().any(|c| c.pidfd.is_none()) {
-            return None;
-        }
-        if let Ok(exit) = self.exits_rx.try_recv() {
-            let _ = self.exits_tx.send(exit);
-            return None;
-        }
-        let mut processes = Vec::with_capacity(self.children.len());
-        for c in &mut self.children {
-            let _ = c.signal.send_replace(Some(Order::Release));
-            if let Some(pidfd) = c.pidfd.take() {
-                processes.push(ReleasedProcess {
-                    role: c.role,
-                    program: c.program.clone(),
-                    pid: c.pid,
-                    pidfd,
-                });
-            }
-        }
-        let state = std::mem::replace(
-            &mut self.state,
-            StateFiles {
-                dir: PathBuf::new(),
-                created_dir: false,
-                files: Vec::new(),
-                mounts: Vec::new(),
-                console_log: PathBuf::new(),
-                keep_console: true,
-            },
-        );
-        Some(Released {
-            vm_id: self.vm_id.clone(),
-            processes,
-            state,
-        })
     }
 
     /// Ends the VM after its first process ended: kills the rest, reaps
