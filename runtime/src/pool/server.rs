@@ -134,7 +134,10 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(),
             },
         }
     }
+    // Cancelled, not just asked to be: a boot still running on another
+    // worker could start VM processes after the clean-up below.
     refill.abort();
+    let _ = refill.await;
     let _ = std::fs::remove_file(&pool.config.pool.socket);
     let warm: Vec<Warm> = match pool.warm.lock() {
         Ok(mut w) => w.drain().flat_map(|(_, v)| v).collect(),

@@ -290,9 +290,10 @@ async fn two_claims_get_two_vms_and_a_claimer_that_walks_away_leaks_nothing_body
         "{}",
         pool.log()
     );
+    let mine = format!("/run/nutshell/pool/{}.", pool.pid());
     pool.stop();
     assert_eq!(
-        processes_mentioning("/run/nutshell/pool/"),
+        processes_mentioning(&mine),
         Vec::new(),
         "warm VMs outlived their pool"
     );
