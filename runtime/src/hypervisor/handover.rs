@@ -32,7 +32,7 @@ use tokio::process::Command;
 use tokio::sync::watch;
 
 use super::console::last_lines;
-use super::supervisor::{ChildExit, Order, ProcessTree, StateFiles, TreeChild, STDERR_TAIL_LINES};
+use super::supervisor::{Order, ProcessTree, StateFiles, STDERR_TAIL_LINES};
 use super::vm::{Control, ProcessRole, ProcessStatus, RunningVm};
 use super::HypervisorError;
 
@@ -226,24 +226,9 @@ impl ProcessTree {
             program: program.to_string(),
             source,
         })?;
-        let (signal, signal_rx) = watch::channel(None);
-        let index = self.children.len();
-        let exits = self.exits_tx.clone();
-        tokio::spawn(async move {
+        self.track(role, program, pid, None, move |signal_rx| async move {
             let status = watch(watched, pid, signal_rx).await;
-            let _ = exits.send(ChildExit {
-                index,
-                status,
-                stderr_tail: last_lines(&stderr_file, STDERR_TAIL_LINES),
-            });
-        });
-        self.children.push(TreeChild {
-            role,
-            program: program.to_string(),
-            pid,
-            signal,
-            exited: false,
-            pidfd: None,
+            (status, last_lines(&stderr_file, STDERR_TAIL_LINES))
         });
         Ok(())
     }

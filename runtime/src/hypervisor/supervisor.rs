@@ -16,6 +16,7 @@
 use std::collections::VecDeque;
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -27,8 +28,6 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, ChildStderr, Command};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, timeout, Instant};
-
-use std::os::fd::OwnedFd;
 
 use super::console::{last_lines, sanitize_line};
 use super::handover;
@@ -137,7 +136,7 @@ pub(super) struct TreeChild {
     pub(super) program: String,
     pub(super) pid: u32,
     pub(super) signal: watch::Sender<Option<Order>>,
-    pub(super) exited: bool,
+    exited: bool,
     /// Opened before anything could reap the process, so it names this
     /// process for sure; only for VMs that may be handed over.
     pub(super) pidfd: Option<OwnedFd>,
@@ -153,9 +152,9 @@ pub(crate) enum Order {
 }
 
 pub(crate) struct ChildExit {
-    pub(super) index: usize,
-    pub(super) status: ProcessStatus,
-    pub(super) stderr_tail: Vec<String>,
+    index: usize,
+    status: ProcessStatus,
+    stderr_tail: Vec<String>,
 }
 
 /// The processes of a VM being started; becomes a [`RunningVm`].
@@ -232,12 +231,9 @@ impl ProcessTree {
         } else {
             None
         };
-        let (signal, signal_rx) = watch::channel(None);
-        let index = self.children.len();
         let stderr = child.stderr.take();
-        let exits = self.exits_tx.clone();
         let name = program.to_string();
-        tokio::spawn(async move {
+        self.track(role, program, pid, pidfd, move |signal_rx| async move {
             let stderr_task = stderr.map(|s| tokio::spawn(read_stderr(s, name)));
             let status = reap(child, pid, signal_rx).await;
             let stderr_tail = match (stderr_task, stderr_file) {
@@ -249,13 +245,37 @@ impl ProcessTree {
                 (None, Some(path)) => last_lines(&path, STDERR_TAIL_LINES),
                 (None, None) => Vec::new(),
             };
+            (status, stderr_tail)
+        });
+        tracing::debug!(vm = %self.vm_id, program, pid, "started");
+        Ok(pid)
+    }
+
+    /// Adds a process to the tree: `watch_it`, given the receiver of the
+    /// orders for it, returns the task that reports how the process ended
+    /// (its status and last stderr lines); that report reaches the tree.
+    pub(super) fn track<F>(
+        &mut self,
+        role: ProcessRole,
+        program: &str,
+        pid: u32,
+        pidfd: Option<OwnedFd>,
+        watch_it: impl FnOnce(watch::Receiver<Option<Order>>) -> F,
+    ) where
+        F: std::future::Future<Output = (ProcessStatus, Vec<String>)> + Send + 'static,
+    {
+        let (signal, signal_rx) = watch::channel(None);
+        let index = self.children.len();
+        let exits = self.exits_tx.clone();
+        let watched = watch_it(signal_rx);
+        tokio::spawn(async move {
+            let (status, stderr_tail) = watched.await;
             let _ = exits.send(ChildExit {
                 index,
                 status,
                 stderr_tail,
             });
         });
-        tracing::debug!(vm = %self.vm_id, program, pid, "started");
         self.children.push(TreeChild {
             role,
             program: program.to_string(),
@@ -264,7 +284,6 @@ impl ProcessTree {
             exited: false,
             pidfd,
         });
-        Ok(pid)
     }
 
     /// Waits until `socket` exists (a vhost-user backend listens on it).
@@ -469,13 +488,13 @@ async fn reap(
                 Ok(()) => {
                     let order = *signal.borrow_and_update();
                     match order {
-                    Some(Order::Signal(sig)) => {
-                        let _ = killpg(pgid, sig);
-                    }
-                    // Its new owner signals the group; reaping is all
-                    // that is left to do here.
-                    Some(Order::Release) => return ProcessStatus::from(child.wait().await),
-                    None => {}
+                        Some(Order::Signal(sig)) => {
+                            let _ = killpg(pgid, sig);
+                        }
+                        // Its new owner signals the group; reaping is all
+                        // that is left to do here.
+                        Some(Order::Release) => return ProcessStatus::from(child.wait().await),
+                        None => {}
                     }
                 }
                 // The tree is gone without a word: never leave the process.

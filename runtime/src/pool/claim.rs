@@ -6,12 +6,45 @@ use std::time::Duration;
 
 use super::wire::{self, Reply, Request, Taken};
 use super::{PoolError, VmShape};
+use crate::config::PoolSettings;
 use crate::hypervisor::handover::{renice_groups, Handover};
-use crate::hypervisor::RunningVm;
+use crate::hypervisor::{RunningVm, VmConfig};
 
 /// How long a claim may take, each way. The pool answers in
 /// milliseconds; a pool that does not is treated as absent.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A warm VM to stand in for `vm` (started by `backend`), its state
+/// directory moved to `vm.state_dir`, when `settings` let pods ask and the
+/// pool has one; `None` means: boot cold. The reason is logged at debug
+/// level, a claim at info level. Every front door claims through here.
+pub async fn claim_or_cold(
+    settings: &PoolSettings,
+    vm: &VmConfig,
+    backend: &str,
+) -> Option<RunningVm> {
+    let cold = |why: &dyn std::fmt::Display| {
+        tracing::debug!(vm = %vm.id, "no warm VM, booting cold: {why}");
+    };
+    if !settings.enabled {
+        cold(&"pool.enabled is false");
+        return None;
+    }
+    let Some(shape) = VmShape::of(vm, backend) else {
+        cold(&"the VM has NICs, and warm VMs have none");
+        return None;
+    };
+    match claim(&settings.socket, &shape, &vm.id, &vm.state_dir).await {
+        Ok(warm) => {
+            tracing::info!(vm = %vm.id, size = %shape, "claimed a warm VM from the pool");
+            Some(warm)
+        }
+        Err(e) => {
+            cold(&crate::shim::pod::chain(&e));
+            None
+        }
+    }
+}
 
 /// Asks the pool on `socket` for a VM of `shape`, its state directory to
 /// be moved to `target` (which must not exist), and adopts it as `id`.

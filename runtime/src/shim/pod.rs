@@ -11,9 +11,9 @@ use tokio::task::JoinHandle;
 use crate::agent::{AgentClient, DialOptions};
 use crate::config::Config;
 use crate::hypervisor::select::select_backend;
-use crate::hypervisor::{Hypervisor, Nic, RunningVm};
+use crate::hypervisor::{Hypervisor, Nic, RunningVm, VmConfig};
 use crate::network::{self, NetworkRecord, Plumbed, PodNetwork};
-use crate::pool::{claim::claim, VmShape};
+use crate::pool::claim::claim_or_cold;
 use crate::sandbox::Sandbox;
 
 use super::events::Events;
@@ -134,7 +134,14 @@ impl Pod {
         })?;
         let dir = spec.key.dir();
         let shared = spec.key.shared_dir();
-        let claimed = claim_warm(spec, config, hypervisor.as_ref()).await;
+        let vm = config.vm_config(
+            &spec.key.pod,
+            &dir,
+            &shared,
+            spec.size.vcpus,
+            spec.size.memory_mib,
+        );
+        let claimed = claim_warm(spec, &vm, config, hypervisor.as_ref()).await;
         let prep = {
             let (dir, shared, key) = (dir.clone(), shared.clone(), spec.key.clone());
             tokio::task::spawn_blocking(move || -> Result<(), ShimError> {
@@ -185,8 +192,7 @@ impl Pod {
             spec,
             config,
             hypervisor.as_ref(),
-            (&dir, &shared),
-            nics,
+            (vm, nics),
             mirror.as_ref(),
             claimed,
         )
@@ -219,18 +225,11 @@ impl Pod {
         spec: &PodSpec,
         config: &Config,
         hypervisor: &dyn Hypervisor,
-        (dir, shared): (&Path, &Path),
-        nics: Vec<Nic>,
+        (mut vm, nics): (VmConfig, Vec<Nic>),
         mirror: Option<&Mirror>,
         claimed: Option<RunningVm>,
     ) -> Result<Sandbox, ShimError> {
-        let mut vm = config.vm_config(
-            &spec.key.pod,
-            dir,
-            shared,
-            spec.size.vcpus,
-            spec.size.memory_mib,
-        );
+        let dir = vm.state_dir.clone();
         vm.nics = nics;
         let dial = DialOptions {
             deadline: config.agent.dial_timeout,
@@ -271,7 +270,7 @@ impl Pod {
                     .collect::<Vec<_>>(),
             ),
         };
-        if let Err(e) = record.save(dir) {
+        if let Err(e) = record.save(&dir) {
             tracing::warn!(error = %chain(&e), "cannot record the VM's processes");
         }
         if let Err(e) = sandbox
@@ -383,45 +382,19 @@ fn check_assets(config: &Config) -> Result<(), ShimError> {
     Ok(())
 }
 
-/// A warm VM from the pool for the pod, when the config allows one, the
-/// pod can use one and the pool has one. Whatever fails, the pod boots
-/// cold; the reason is logged at debug level.
+/// A warm VM from the pool for the pod ([`claim_or_cold`]), unless the pod
+/// mirrors a network namespace: warm VMs have no NIC yet.
 async fn claim_warm(
     spec: &PodSpec,
+    vm: &VmConfig,
     config: &Config,
     hypervisor: &dyn Hypervisor,
 ) -> Option<RunningVm> {
-    let pod = &spec.key.pod;
-    let cold = |why: &dyn std::fmt::Display| {
-        tracing::debug!(%pod, "no warm VM, booting cold: {why}");
-    };
-    if !config.pool.enabled {
-        cold(&"pool.enabled is false");
-        return None;
-    }
     if matches!(spec.network, NetworkMode::Mirrored(_)) {
-        cold(&"the pod mirrors a network namespace, and warm VMs have no NIC");
+        tracing::debug!(pod = %spec.key.pod, "no warm VM, booting cold: the pod mirrors a network namespace, and warm VMs have no NIC");
         return None;
     }
-    let dir = spec.key.dir();
-    let vm = config.vm_config(
-        pod,
-        &dir,
-        &spec.key.shared_dir(),
-        spec.size.vcpus,
-        spec.size.memory_mib,
-    );
-    let shape = VmShape::of(&vm, hypervisor.name())?;
-    match claim(&config.pool.socket, &shape, pod, &dir).await {
-        Ok(vm) => {
-            tracing::info!(%pod, size = %shape, "claimed a warm VM from the pool");
-            Some(vm)
-        }
-        Err(e) => {
-            cold(&chain(&e));
-            None
-        }
-    }
+    claim_or_cold(&config.pool, vm, hypervisor.name()).await
 }
 
 /// Reads and plumbs the pod's network namespace, when it has one to

@@ -29,7 +29,7 @@ use nutshell_runtime::config::Config;
 use nutshell_runtime::hypervisor::{
     sanitize_line, Accel, Hypervisor, RunningVm, VmConfig, GUEST_ASSETS_DIR,
 };
-use nutshell_runtime::pool::{claim::claim, VmShape};
+use nutshell_runtime::pool::claim::claim_or_cold;
 use nutshell_runtime::sandbox::{Sandbox, SandboxError};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
@@ -231,23 +231,8 @@ async fn claim_warm(id: &str, args: &RunArgs, backend: &str) -> Option<RunningVm
             return None;
         }
     };
-    if !config.pool.enabled {
-        tracing::debug!("no warm VM, booting cold: pool.enabled is false");
-        return None;
-    }
-    let target = workdir::run_dir(id);
-    let vm = vm_config(id, args, &target);
-    let shape = VmShape::of(&vm, backend)?;
-    match claim(&config.pool.socket, &shape, id, &target).await {
-        Ok(vm) => {
-            tracing::debug!(size = %shape, "claimed a warm VM from the pool");
-            Some(vm)
-        }
-        Err(e) => {
-            tracing::debug!("no warm VM, booting cold: {e}");
-            None
-        }
-    }
+    let vm = vm_config(id, args, &workdir::run_dir(id));
+    claim_or_cold(&config.pool, &vm, backend).await
 }
 
 /// The run's VM, its state in `dir`.
