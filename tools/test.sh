@@ -28,8 +28,8 @@ cargo build -p nutshell-runtime --bin containerd-shim-nutshell-v2 -p nutshell-ru
 step "cargo test"
 cargo test --workspace
 
-step "the containerd suites of lone containers once more, their pods claiming warm VMs (each private containerd runs a nutshell pool; CRI and CNI pods mirror a network namespace and boot cold either way)"
-NUTSHELL_TEST_POOL=1 cargo test -p nutshell-tests --test containerd_ctr --test containerd_faults --test containerd_parallel
+step "the containerd suites once more, their pods claiming warm VMs (each private containerd runs a nutshell pool; CNI pods get the warm VM's NIC moved into their namespace)"
+NUTSHELL_TEST_POOL=1 cargo test -p nutshell-tests --test containerd_ctr --test containerd_faults --test containerd_parallel --test containerd_cni --test containerd_cri
 
 step "fuzz the VMM's guest-facing parsers for a bounded time (cargo-fuzz, nightly)"
 # Built outside the clone, so a clean clone reuses the instrumented build.

@@ -137,6 +137,8 @@ pub struct PoolSettings {
     pub warm: u32,
     /// Other sizes the pool keeps warm.
     pub sizes: Vec<PoolSize>,
+    /// NICs each warm VM carries; a pod with more interfaces boots cold.
+    pub nics: u32,
 }
 
 /// One more size of warm VM.
@@ -328,6 +330,12 @@ impl Config {
             in_range(key, mib, MEMORY_MIB_FLOOR, MEMORY_MIB_CEILING)?;
         }
         in_range("pool.warm", self.pool.warm, 0, POOL_WARM_CEILING)?;
+        in_range(
+            "pool.nics",
+            self.pool.nics,
+            0,
+            crate::network::MAX_INTERFACES as u32,
+        )?;
         for size in &self.pool.sizes {
             in_range("pool.sizes.vcpus", size.vcpus, 1, vm.max_vcpus)?;
             in_range(
@@ -523,6 +531,7 @@ mod tests {
     #[test]
     fn pool_sizes_and_socket_are_checked() {
         assert!(err("[pool]\nwarm = 1000\n").contains("`pool.warm`"));
+        assert!(err("[pool]\nnics = 65\n").contains("`pool.nics`"));
         assert!(err("[pool]\nsocket = \"pool.sock\"\n").contains("`pool.socket`"));
         let e = err("[pool]\nsizes = [{ vcpus = 64, memory_mib = 512, warm = 1 }]\n");
         assert!(e.contains("`pool.sizes.vcpus`"), "{e}");

@@ -357,6 +357,14 @@ impl Containerd {
         &self.dir
     }
 
+    /// How many VMs its pods claimed from its pool so far, when it runs
+    /// one ([`TEST_POOL_ENV`]); the pool logs each claim.
+    pub fn pool_claims(&self) -> Option<usize> {
+        self.pool.as_ref()?;
+        let log = fs::read_to_string(self.dir.join("pool.log")).unwrap_or_default();
+        Some(log.matches("VM claimed").count())
+    }
+
     /// A `ctr` command bound to this containerd and [`NAMESPACE`].
     pub fn ctr(&self, args: &[&str]) -> Command {
         self.ctr_in(NAMESPACE, args)

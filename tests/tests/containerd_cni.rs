@@ -186,6 +186,12 @@ fn two_pods_on_the_bridge(handler: &str) {
             assert!(pod.ip.starts_with("10.213.0."), "{}", pod.ip);
             assert_mirrored(pod, nutshell);
         }
+        // With a pool (NUTSHELL_TEST_POOL=1), pod B's VM at least was a
+        // warm one, its NIC moved into B's namespace at the claim; pod A
+        // may find the pool still refilling.
+        if let (true, Some(claims)) = (nutshell, t.c.pool_claims()) {
+            assert!(claims >= 1, "no pod claimed a warm VM");
+        }
 
         // Inside pod A: its address, DNS config, hostname and hosts file.
         let a_eth0 = cri

@@ -10,7 +10,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nutshell_runtime::network::{plumb, scan, unplumb, Mac, NetworkError, NetworkRecord};
+use nutshell_runtime::network::{
+    open_netns, plumb, scan, unplumb, HoldingNetns, Mac, NetworkError, NetworkRecord, TapSource,
+    WarmTap,
+};
 use nutshell_tests::netns::TestNetns;
 use nutshell_tests::{is_root, require, which};
 
@@ -102,7 +105,7 @@ fn a_pods_veth_is_read_as_the_guest_must_copy_it() {
     );
     assert_eq!(net.neighbors.len(), 1, "{:?}", net.neighbors);
     assert_eq!(net.neighbors[0].ip.to_string(), "10.213.9.77");
-    let req = net.to_request();
+    let req = net.to_request(&[]);
     assert_eq!(req.interfaces[0].mac, POD_MAC);
 }
 
@@ -184,7 +187,7 @@ fn plumbing_joins_veth_and_tap_both_ways_and_unplumbing_leaves_nothing() {
     let rt = rt();
     let net = rt.block_on(scan(&pod.path())).expect("scan");
     let plumbed = rt
-        .block_on(plumb(&pod.path(), &net, state.path()))
+        .block_on(plumb(&pod.path(), &net, state.path(), TapSource::Make))
         .expect("plumb");
     assert_eq!(
         NetworkRecord::load(state.path()).unwrap().as_ref(),
@@ -211,16 +214,7 @@ fn plumbing_joins_veth_and_tap_both_ways_and_unplumbing_leaves_nothing() {
 
     // veth → tap: the node's ARP request for the pod comes out of the tap.
     // Forked from a thread inside the node's namespace, ping lives there.
-    let mut ping = node
-        .run(|| {
-            Command::new(nutshell_tests::BUSYBOX)
-                .args(["ping", "-c", "3", "10.213.9.2"])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-        })
-        .expect("enter the node's namespace")
-        .expect("ping");
+    let mut ping = ping_from(&node, "10.213.9.2");
     let pod_ip = [10, 213, 9, 2];
     let request = read_frame(
         tap,
@@ -289,7 +283,7 @@ fn a_plumbing_that_fails_halfway_undoes_what_it_did() {
     let net = rt.block_on(scan(&pod.path())).expect("scan");
     assert_eq!(net.interfaces.len(), 2, "{net:?}");
     let e = rt
-        .block_on(plumb(&pod.path(), &net, state.path()))
+        .block_on(plumb(&pod.path(), &net, state.path(), TapSource::Make))
         .expect_err("the taken tap name fails the plumbing");
     assert!(e.to_string().contains("tap1_nutshell"), "{e}");
     for dev in ["eth0", "eth1"] {
@@ -299,4 +293,86 @@ fn a_plumbing_that_fails_halfway_undoes_what_it_did() {
         !ip(&pod, "-o link").contains("tap0_nutshell"),
         "the first tap went with its fd"
     );
+}
+
+/// Pings `addr` from inside `ns`, in the background.
+fn ping_from(ns: &TestNetns, addr: &str) -> std::process::Child {
+    ns.run(|| {
+        Command::new(nutshell_tests::BUSYBOX)
+            .args(["ping", "-c", "3", addr])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+    })
+    .expect("enter the namespace")
+    .expect("ping")
+}
+
+#[test]
+fn a_warm_vms_taps_move_into_the_pod_and_carry_its_frames() {
+    let Some((node, pod)) = node_and_pod() else {
+        return;
+    };
+    let rt = rt();
+    let holding = HoldingNetns::new().expect("the pool's namespace");
+    let made = rt.block_on(holding.make_taps(7, 2)).expect("warm taps");
+    let taps: Vec<WarmTap> = made.iter().map(|(t, _)| t.clone()).collect();
+    assert_ne!(taps[0].mac, taps[1].mac);
+    // The pool's taps live in its own namespace, not the pod's or the
+    // node's.
+    for ns in [&pod, &node] {
+        assert!(!ip(ns, "-o link").contains(&taps[0].name));
+    }
+    let e = rt
+        .block_on(holding.hand_over(&taps, 3, Some(open_netns(&pod.path()).unwrap())))
+        .expect_err("more NICs than the VM has");
+    assert!(e.to_string().contains("3 of a warm VM's 2 taps"), "{e}");
+
+    rt.block_on(holding.hand_over(&taps, 1, Some(open_netns(&pod.path()).unwrap())))
+        .expect("hand over");
+    let links = ip(&pod, "-o link");
+    assert!(links.contains("tap0_nutshell"), "{links}");
+    assert!(!links.contains("tap1_nutshell") && !links.contains(&taps[1].name));
+    // The unused tap is deleted: its VMM's fd has no device any more. The
+    // moved one keeps its fd.
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        nix::unistd::read(&made[1].1, &mut buf),
+        Err(nix::errno::Errno::EBADFD)
+    );
+    assert_eq!(
+        nix::unistd::read(&made[0].1, &mut buf),
+        Err(nix::errno::Errno::EAGAIN)
+    );
+
+    let state = tempfile::tempdir().expect("tempdir");
+    let net = rt.block_on(scan(&pod.path())).expect("scan");
+    let plumbed = rt
+        .block_on(plumb(&pod.path(), &net, state.path(), TapSource::Moved))
+        .expect("plumb the moved tap");
+    assert!(plumbed.taps.is_empty(), "the VMM holds the moved tap");
+    let link = ip(&pod, "-o link show tap0_nutshell");
+    assert!(link.contains("mtu 1400") && link.contains("UP"), "{link}");
+    // The node's frames reach the warm VM's fd through the moved tap.
+    let mut ping = ping_from(&node, "10.213.9.2");
+    let request = read_frame(
+        &made[0].1,
+        |f| is_arp_request_for(f, [10, 213, 9, 2]),
+        Duration::from_secs(5),
+    );
+    let _ = ping.kill();
+    let _ = ping.wait();
+    assert!(
+        request.is_some(),
+        "the node's ARP request never reached the warm tap"
+    );
+
+    drop(made);
+    rt.block_on(unplumb(&plumbed.record)).expect("unplumb");
+    assert_eq!(pod.tc_state("eth0").expect("tc"), None);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ip(&pod, "-o link").contains("tap0_nutshell") {
+        assert!(Instant::now() < deadline, "the moved tap outlived its fd");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

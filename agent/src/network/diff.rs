@@ -43,14 +43,15 @@ pub struct Link {
     pub up: bool,
 }
 
-/// The guest link with `itf`'s MAC.
+/// The guest link with `itf`'s MAC (its current one, when it is to change).
 pub fn find_link<'a>(links: &'a [Link], itf: &Interface) -> Result<&'a Link> {
-    let mut matching = links.iter().filter(|l| l.mac == Some(itf.mac));
+    let wanted = itf.found_by();
+    let mut matching = links.iter().filter(|l| l.mac == Some(wanted));
     match (matching.next(), matching.next()) {
         (Some(link), None) => Ok(link),
         (Some(a), Some(b)) => Err(AgentError::FailedPrecondition(format!(
             "the MAC {} of interface {} is on more than one guest link ({} and {})",
-            itf.mac, itf.name, a.name, b.name
+            wanted, itf.name, a.name, b.name
         ))),
         (None, _) => {
             let have = links
@@ -59,7 +60,7 @@ pub fn find_link<'a>(links: &'a [Link], itf: &Interface) -> Result<&'a Link> {
                 .collect::<Vec<_>>();
             Err(AgentError::NotFound(format!(
                 "no guest link has the MAC {} of interface {} (the guest has: {})",
-                itf.mac,
+                wanted,
                 itf.name,
                 if have.is_empty() {
                     "none".to_string()
@@ -74,9 +75,10 @@ pub fn find_link<'a>(links: &'a [Link], itf: &Interface) -> Result<&'a Link> {
 /// What to do to a link, in this order, before its addresses.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct LinkSteps {
-    /// A link must be down to be renamed.
-    pub down_to_rename: bool,
+    /// A link must be down to be renamed or to get another MAC.
+    pub down_first: bool,
     pub rename: Option<String>,
+    pub set_mac: Option<Mac>,
     pub mtu: Option<u32>,
     /// Up (true) or down (false); `None` when it already is as asked.
     pub set_up: Option<bool>,
@@ -85,12 +87,15 @@ pub struct LinkSteps {
 /// The steps that make `link` what `itf` asks.
 pub fn link_steps(link: &Link, itf: &Interface) -> LinkSteps {
     let rename = (link.name != itf.name).then(|| itf.name.clone());
-    let up_after_rename = link.up && rename.is_none();
+    let set_mac = (link.mac != Some(itf.mac)).then_some(itf.mac);
+    let down_first = link.up && (rename.is_some() || set_mac.is_some());
+    let up_after = link.up && !down_first;
     LinkSteps {
-        down_to_rename: link.up && rename.is_some(),
+        down_first,
         rename,
+        set_mac,
         mtu: itf.mtu.filter(|m| *m != link.mtu),
-        set_up: (itf.up != up_after_rename).then_some(itf.up),
+        set_up: (itf.up != up_after).then_some(itf.up),
     }
 }
 
@@ -201,6 +206,7 @@ mod tests {
     fn itf(name: &str, mac: u8, mtu: Option<u32>, up: bool) -> Interface {
         Interface {
             mac: Mac([2, 0, 0, 0, 0, mac]),
+            link_mac: None,
             name: name.into(),
             mtu,
             addresses: vec![],
@@ -282,15 +288,16 @@ mod tests {
         assert_eq!(
             link_steps(&up, &itf("eth0", 5, Some(1400), true)),
             LinkSteps {
-                down_to_rename: true,
+                down_first: true,
                 rename: Some("eth0".into()),
+                set_mac: None,
                 mtu: Some(1400),
                 set_up: Some(true),
             }
         );
         // Renamed and to stay down: no second "down".
         let s = link_steps(&up, &itf("eth0", 5, None, false));
-        assert!(s.down_to_rename && s.set_up.is_none());
+        assert!(s.down_first && s.set_up.is_none());
         // Already as asked: nothing at all.
         let done = Link {
             name: "eth0".into(),
@@ -308,13 +315,39 @@ mod tests {
         let down = link(2, "eth0", 5, false);
         let s = link_steps(&down, &itf("eth0", 5, None, true));
         assert_eq!(
-            (s.down_to_rename, s.rename, s.set_up),
+            (s.down_first, s.rename, s.set_up),
             (false, None, Some(true))
         );
         assert_eq!(
             link_steps(&up, &itf("nic0", 5, None, false)).set_up,
             Some(false)
         );
+    }
+
+    #[test]
+    fn a_warm_nic_is_found_by_its_link_mac_and_given_the_pods() {
+        let warm = link(2, "eth0", 9, true);
+        let pods = Interface {
+            link_mac: Some(Mac([2, 0, 0, 0, 0, 9])),
+            ..itf("eth0", 5, None, true)
+        };
+        let links = [warm.clone()];
+        assert_eq!(find_link(&links, &pods).unwrap().index, 2);
+        // Found by the pod's MAC, it would not be found at all.
+        assert!(find_link(&links, &itf("eth0", 5, None, true)).is_err());
+        assert_eq!(
+            link_steps(&warm, &pods),
+            LinkSteps {
+                down_first: true,
+                rename: None,
+                set_mac: Some(Mac([2, 0, 0, 0, 0, 5])),
+                mtu: None,
+                set_up: Some(true),
+            }
+        );
+        // Once it carries the pod's MAC, nothing changes.
+        let done = link(2, "eth0", 5, true);
+        assert_eq!(link_steps(&done, &pods), LinkSteps::default());
     }
 
     #[test]

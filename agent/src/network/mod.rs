@@ -117,12 +117,23 @@ pub struct Plan {
 /// One NIC, found by its MAC.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Interface {
+    /// The MAC the link is to carry.
     pub mac: Mac,
+    /// The MAC it carries now, when that is another: the link is found by
+    /// this one and given `mac`.
+    pub link_mac: Option<Mac>,
     pub name: String,
     /// `None`: leave the MTU as it is.
     pub mtu: Option<u32>,
     pub addresses: Vec<Cidr>,
     pub up: bool,
+}
+
+impl Interface {
+    /// The MAC its guest link carries now.
+    pub fn found_by(&self) -> Mac {
+        self.link_mac.unwrap_or(self.mac)
+    }
 }
 
 /// A unicast route of the main table on one device.

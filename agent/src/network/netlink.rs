@@ -97,7 +97,7 @@ impl Netlink {
                         ..itf.clone()
                     };
                     count.links += self.configure_link(link, &aside).await?;
-                    (link.name, link.up) = (aside.name, false);
+                    (link.name, link.up, link.mac) = (aside.name, false, Some(aside.mac));
                 }
             }
         }
@@ -180,10 +180,16 @@ impl Netlink {
         let steps = diff::link_steps(link, itf);
         let set = || LinkUnspec::new_with_index(link.index);
         let mut changes = Vec::new();
-        if steps.down_to_rename {
+        if steps.down_first {
             changes.push((
                 set().down().build(),
-                format!("set {} down to rename it", link.name),
+                format!("set {} down to change it", link.name),
+            ));
+        }
+        if let Some(mac) = steps.set_mac {
+            changes.push((
+                set().address(mac.0.to_vec()).build(),
+                format!("give {} the MAC {mac}", link.name),
             ));
         }
         if let Some(name) = &steps.rename {

@@ -78,6 +78,12 @@ pub fn plan(req: &pb::UpdateNetworkRequest) -> Result<Plan> {
             interfaces[b].mac
         )));
     }
+    if let Some((a, b)) = first_repeat(&interfaces, Interface::found_by) {
+        return Err(bad(format!(
+            "interfaces[{b}].link_mac {} is also interfaces[{a}]'s link",
+            interfaces[b].found_by()
+        )));
+    }
     if let Some((a, b)) = first_repeat(&interfaces, |i| i.name.clone()) {
         return Err(bad(format!(
             "interfaces[{b}].name {} is also interfaces[{a}]'s",
@@ -121,6 +127,10 @@ pub fn plan(req: &pb::UpdateNetworkRequest) -> Result<Plan> {
 fn interface(i: usize, itf: &pb::Interface) -> Result<Interface> {
     let at = format!("interfaces[{i}]");
     let mac = mac(&format!("{at}.mac"), &itf.mac)?;
+    let link_mac = match itf.link_mac.as_str() {
+        "" => None,
+        text => Some(self::mac(&format!("{at}.link_mac"), text)?),
+    };
     check_name(&format!("{at}.name"), &itf.name)?;
     let mtu = match itf.mtu {
         0 => None,
@@ -156,6 +166,7 @@ fn interface(i: usize, itf: &pb::Interface) -> Result<Interface> {
     }
     Ok(Interface {
         mac,
+        link_mac,
         name: itf.name.clone(),
         mtu,
         addresses,
@@ -447,6 +458,10 @@ mod tests {
             "interfaces[0].mac \"02:42:0a:58:00\" is not a MAC",
         );
         refused_with(
+            |r| r.interfaces[0].link_mac = "zz".into(),
+            "interfaces[0].link_mac \"zz\" is not a MAC",
+        );
+        refused_with(
             |r| r.interfaces[0].name = String::new(),
             "interfaces[0].name \"\" is empty",
         );
@@ -511,6 +526,14 @@ mod tests {
         refused_with(
             |r| r.interfaces.push(itf("02:42:0a:58:00:06", "eth0", &[])),
             "interfaces[1].name \"eth0\" is also interfaces[0]'s",
+        );
+        refused_with(
+            |r| {
+                let mut second = itf("02:42:0a:58:00:06", "eth1", &[]);
+                second.link_mac = "02:42:0a:58:00:05".into();
+                r.interfaces.push(second);
+            },
+            "interfaces[1].link_mac 02:42:0a:58:00:05 is also interfaces[0]'s link",
         );
     }
 

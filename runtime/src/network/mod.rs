@@ -8,12 +8,16 @@
 //!   both ways with a tc ingress `mirred` redirect; the VM gets a virtio-net
 //!   NIC with the veth's MAC on that tap, and the agent configures the NIC
 //!   like the veth ([`PodNetwork::to_request`]).
+//! - [`HoldingNetns`] is the warm pool's side: taps made ahead of a pod,
+//!   for warm VMs, in an empty namespace of the pool's own, and moved into
+//!   the pod's namespace when a pod claims the VM.
 //! - [`unplumb`] takes away what plumbing added, from the record
 //!   ([`NetworkRecord`]) it left in the pod's state directory, so that a
 //!   killed shim's `delete` cleans up as well as the shim itself.
 //!
 //! The runtime owns all of this: the agent never sees a host path.
 
+mod holding;
 mod netns;
 mod plumb;
 mod scan;
@@ -23,7 +27,9 @@ use std::path::PathBuf;
 
 use nutshell_protocol::agent as pb;
 
-pub use plumb::{plumb, unplumb, NetworkRecord, Plumbed, RECORD_FILE};
+pub use holding::{HoldingNetns, WarmTap};
+pub use netns::open_netns;
+pub use plumb::{plumb, unplumb, NetworkRecord, Plumbed, TapSource, MAX_INTERFACES, RECORD_FILE};
 pub use scan::scan;
 
 /// The VMM's MAC type is the one the runtime passes around too.
@@ -80,13 +86,20 @@ pub struct PodNetwork {
 }
 
 impl PodNetwork {
-    /// The agent's UpdateNetwork request that makes the guest match.
-    pub fn to_request(&self) -> pb::UpdateNetworkRequest {
+    /// The agent's UpdateNetwork request that makes the guest match. A
+    /// claimed warm VM's NICs carry `link_macs` (in order) until then; a
+    /// cold-booted VM's carry the veths' MACs already (`&[]`).
+    pub fn to_request(&self, link_macs: &[Mac]) -> pb::UpdateNetworkRequest {
         pb::UpdateNetworkRequest {
             interfaces: self
                 .interfaces
                 .iter()
-                .map(|i| pb::Interface {
+                .enumerate()
+                .map(|(n, i)| pb::Interface {
+                    link_mac: link_macs
+                        .get(n)
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
                     mac: i.mac.to_string(),
                     name: i.name.clone(),
                     mtu: i.mtu,
@@ -218,7 +231,11 @@ mod tests {
                 device: "eth0".into(),
             }],
         };
-        let r = net.to_request();
+        let r = net.to_request(&[]);
+        assert_eq!(r.interfaces[0].link_mac, "");
+        let warm = net.to_request(&[Mac([2, 0x6e, 0, 0, 1, 0])]);
+        assert_eq!(warm.interfaces[0].link_mac, "02:6e:00:00:01:00");
+        assert_eq!(warm.interfaces[0].mac, "0a:58:0a:d5:00:05");
         assert_eq!(r.interfaces[0].mac, "0a:58:0a:d5:00:05");
         assert_eq!(r.interfaces[0].addresses[0].address, "10.213.0.5");
         assert_eq!(r.interfaces[0].addresses[0].prefix_len, 24);

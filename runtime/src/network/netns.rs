@@ -19,10 +19,45 @@ where
     Fut: Future<Output = Result<T, NetworkError>>,
     T: Send + 'static,
 {
-    let ns = File::open(path).map_err(|source| NetworkError::Netns {
+    in_netns_fd(open_netns(path)?, f).await
+}
+
+/// The network namespace at `path`, opened.
+pub fn open_netns(path: &Path) -> Result<File, NetworkError> {
+    File::open(path).map_err(|source| NetworkError::Netns {
         path: path.to_path_buf(),
         source,
-    })?;
+    })
+}
+
+/// A new, empty network namespace that lives as long as the returned fd
+/// (and whatever is made inside it): no path names it.
+pub(crate) fn new_netns() -> Result<File, NetworkError> {
+    std::thread::Builder::new()
+        .name("nutshell-netns".into())
+        .spawn(|| {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET)
+                .map_err(|e| NetworkError::io("make a network namespace")(e.into()))?;
+            File::open("/proc/thread-self/ns/net")
+                .map_err(NetworkError::io("open the new network namespace"))
+        })
+        .map_err(NetworkError::io(
+            "start a thread for a new network namespace",
+        ))?
+        .join()
+        .map_err(|_| NetworkError::Io {
+            what: "make a network namespace".into(),
+            source: std::io::Error::other("its thread panicked"),
+        })?
+}
+
+/// Runs `f` with a netlink handle inside the network namespace `ns`.
+pub(crate) async fn in_netns_fd<F, Fut, T>(ns: File, f: F) -> Result<T, NetworkError>
+where
+    F: FnOnce(Handle) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, NetworkError>>,
+    T: Send + 'static,
+{
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("nutshell-netns".into())

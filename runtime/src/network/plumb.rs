@@ -44,7 +44,8 @@ pub(super) fn is_our_tap(name: &str) -> bool {
     name.starts_with("tap") && name.ends_with(TAP_SUFFIX)
 }
 
-fn tap_name(i: usize) -> String {
+/// The name of the tap that mirrors the pod's `i`th interface.
+pub(super) fn tap_name(i: usize) -> String {
     format!("tap{i}{TAP_SUFFIX}")
 }
 
@@ -95,20 +96,33 @@ impl NetworkRecord {
 }
 
 /// The plumbed network: the record, and per interface (in [`PodNetwork`]
-/// order) the MAC and the tap fd the VM's NIC is to use.
+/// order) the MAC and the tap fd the VM's NIC is to use. A warm VM's taps
+/// are its VMM's already: then there are none here.
 #[derive(Debug)]
 pub struct Plumbed {
     pub record: NetworkRecord,
     pub taps: Vec<(Mac, OwnedFd)>,
 }
 
-/// Makes a tap per interface of `net` in the namespace `netns` and joins
-/// each to its veth. The record goes to `state_dir` first. On failure,
-/// what was made is taken away before the error returns.
+/// Where the taps come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TapSource {
+    /// Made here, for a VM to be booted with them.
+    Make,
+    /// A claimed warm VM's, moved into the namespace by the pool under
+    /// the names [`plumb`] would have given them.
+    Moved,
+}
+
+/// Gives each interface of `net` in the namespace `netns` a tap, made or
+/// a warm VM's ([`TapSource`]), and joins each to its veth. The record goes
+/// to `state_dir` first. On failure, what was made is taken away before
+/// the error returns.
 pub async fn plumb(
     netns: &Path,
     net: &PodNetwork,
     state_dir: &Path,
+    source: TapSource,
 ) -> Result<Plumbed, NetworkError> {
     if net.interfaces.len() > MAX_INTERFACES {
         return Err(NetworkError::TooMany {
@@ -138,8 +152,13 @@ pub async fn plumb(
     let taps = in_netns(netns, move |handle| async move {
         let mut taps = Vec::new();
         for (link, veth_index, mtu, mac) in &wanted {
-            match plumb_one(&handle, link, *veth_index, *mtu).await {
-                Ok(fd) => taps.push((*mac, fd)),
+            let joined = match source {
+                TapSource::Make => plumb_one(&handle, link, *veth_index, *mtu).await.map(Some),
+                TapSource::Moved => join(&handle, link, *veth_index, *mtu).await.map(|()| None),
+            };
+            match joined {
+                Ok(Some(fd)) => taps.push((*mac, fd)),
+                Ok(None) => {}
                 Err(e) => {
                     drop(taps);
                     unplumb_here(&handle, &links).await;
@@ -164,6 +183,18 @@ async fn plumb_one(
         what: format!("make tap {} for {}", link.tap, link.veth),
         source: std::io::Error::other(e),
     })?;
+    join(handle, link, veth_index, mtu).await?;
+    Ok(tap.into_fd())
+}
+
+/// Sets the tap up with the veth's MTU and redirects each one's ingress
+/// to the other.
+async fn join(
+    handle: &Handle,
+    link: &PlumbedLink,
+    veth_index: u32,
+    mtu: u32,
+) -> Result<(), NetworkError> {
     let tap_index = links(handle)
         .await?
         .into_iter()
@@ -212,7 +243,7 @@ async fn plumb_one(
                 "redirect {from_name}'s ingress to {to_name}"
             )))?;
     }
-    Ok(tap.into_fd())
+    Ok(())
 }
 
 /// Takes away what [`plumb`] set up: the ingress qdiscs (with their

@@ -5,7 +5,9 @@
 //! `nutshell-runc`'s stand-in) asks for one over a root-only Unix socket
 //! ([`claim::claim`]) instead of booting. A VM serves one pod, once:
 //! - the pool takes it off its list, moves its state directory (sockets,
-//!   console, the shared directory) to the pod's, and lets go of it
+//!   console, the shared directory) to the pod's, moves the taps of its
+//!   NICs from the pool's own network namespace into the pod's
+//!   ([`crate::network::HoldingNetns`]), and lets go of it
 //!   ([`crate::hypervisor::handover`]);
 //! - it sends the claimer a record of the VM with a pidfd per process;
 //! - the claimer adopts the VM and answers `taken`. Without that answer
@@ -14,8 +16,10 @@
 //! - the pool boots a replacement in the background, niced.
 //!
 //! The claimer then sets the VM up as after a cold boot (time, hostname,
-//! shared directory through CreateSandbox), so a claimed VM cannot be
-//! told apart from a booted one. When anything fails, the pod boots cold.
+//! shared directory through CreateSandbox, the taps joined to the veths and
+//! the guest's NICs given the veths' MACs and addresses), so a claimed VM
+//! cannot be told apart from a booted one. When anything fails, the pod
+//! boots cold.
 
 pub mod claim;
 pub mod server;
@@ -42,13 +46,10 @@ pub struct VmShape {
 }
 
 impl VmShape {
-    /// The shape of `vm` on `backend`. A VM with NICs has none: its taps
-    /// belong to one pod's network namespace, so no warm VM can serve it.
-    pub fn of(vm: &VmConfig, backend: &str) -> Option<Self> {
-        if !vm.nics.is_empty() {
-            return None;
-        }
-        Some(Self {
+    /// The shape of `vm` on `backend`. NICs are not part of it: a warm
+    /// VM's serve any pod with no more interfaces than it has NICs.
+    pub fn of(vm: &VmConfig, backend: &str) -> Self {
+        Self {
             backend: backend.to_string(),
             kernel: vm.kernel.clone(),
             initrd: vm.initrd.clone(),
@@ -56,7 +57,7 @@ impl VmShape {
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
             debug_console: vm.debug_console,
-        })
+        }
     }
 }
 

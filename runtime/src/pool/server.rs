@@ -12,14 +12,15 @@ use std::time::{Duration, Instant};
 use tokio::net::UnixListener;
 use tokio::sync::Notify;
 
-use super::wire::{self, Reply, Request, Taken};
+use super::wire::{self, Offer, Reply, Request, Taken};
 use super::{shared_dir_of, PoolError, VmShape};
 use crate::agent::{AgentAddress, AgentClient, DialOptions};
 use crate::config::Config;
 use crate::hypervisor::handover::{self, Handover};
 use crate::hypervisor::select::select_backend;
-use crate::hypervisor::{Hypervisor, RunningVm};
+use crate::hypervisor::{Hypervisor, Nic, RunningVm};
 use crate::mounts::{prepare_shared_dir, remove_tree, unmount_below};
+use crate::network::{open_netns, HoldingNetns, WarmTap};
 use crate::shim::state::{
     check_id, kill_recorded, process_start_time, record_processes, PodRecord, RUN_DIR,
 };
@@ -43,12 +44,16 @@ struct Warm {
     seq: u64,
     vm: RunningVm,
     dir: PathBuf,
+    /// Its NICs' taps, in the holding namespace.
+    taps: Vec<WarmTap>,
 }
 
 struct Pool {
     config: Config,
     hypervisor: Box<dyn Hypervisor>,
     classes: Vec<Class>,
+    /// Where warm VMs' taps wait; `None` when they have no NICs.
+    holding: Option<HoldingNetns>,
     /// Where the warm VMs' state directories are.
     dir: PathBuf,
     /// This pool's prefix for them: its pid and start time, so that a
@@ -90,16 +95,26 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(),
     let probe_dir = Path::new("/");
     let classes: Vec<Class> = classes
         .into_iter()
-        .filter_map(|(vcpus, memory_mib, warm)| {
+        .map(|(vcpus, memory_mib, warm)| {
             let vm = config.vm_config("probe", probe_dir, probe_dir, vcpus, memory_mib);
-            Some(Class {
-                shape: VmShape::of(&vm, hypervisor.name())?,
+            Class {
+                shape: VmShape::of(&vm, hypervisor.name()),
                 vcpus,
                 memory_mib,
                 warm: warm as usize,
-            })
+            }
         })
         .collect();
+    let holding = match config.pool.nics {
+        0 => None,
+        _ => Some(HoldingNetns::new().map_err(|e| {
+            PoolError::Setup(format!(
+                "cannot make the pool's network namespace for warm VMs' NICs: {}; pool.nics = 0 in {} keeps warm VMs without NICs",
+                crate::shim::pod::chain(&e),
+                config.source_name()
+            ))
+        })?),
+    };
     let dir = pool_dir();
     std::fs::create_dir_all(&dir).map_err(PoolError::io(format!("create {}", dir.display())))?;
     clean_leftovers(&dir);
@@ -110,13 +125,14 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(),
         config,
         hypervisor,
         classes,
+        holding,
         dir,
         prefix: format!("{me}.{start}"),
         seq: AtomicU64::new(0),
         warm: Mutex::new(HashMap::new()),
         refill: Notify::new(),
     });
-    tracing::info!(socket = %pool.config.pool.socket.display(), backend = pool.hypervisor.name(),
+    tracing::info!(socket = %pool.config.pool.socket.display(), backend = pool.hypervisor.name(), nics = pool.config.pool.nics,
         sizes = ?pool.classes.iter().map(|c| format!("{}x {}", c.warm, c.shape)).collect::<Vec<_>>(), "pool serving");
     let refill = tokio::spawn(pool.clone().keep_warm());
     tokio::pin!(stop);
@@ -309,11 +325,25 @@ impl Pool {
             .config
             .vm_config(&id, &dir, &shared, class.vcpus, class.memory_mib);
         cfg.handover = true;
-        let vm = self
-            .hypervisor
-            .launch(&cfg)
-            .await
-            .map_err(|e| undo(PoolError::Setup(crate::shim::pod::chain(&e))))?;
+        let mut taps = Vec::new();
+        if let Some(holding) = &self.holding {
+            let made = holding
+                .make_taps(seq, self.config.pool.nics as usize)
+                .await
+                .map_err(|e| undo(PoolError::Setup(crate::shim::pod::chain(&e))))?;
+            for (tap, fd) in made {
+                cfg.nics.push(Nic {
+                    mac: tap.mac,
+                    tap: Arc::new(fd),
+                });
+                taps.push(tap);
+            }
+        }
+        // The VMM holds its own copies of the taps; closing ours (with
+        // `cfg`) ties each tap's life to the VM's.
+        let launched = self.hypervisor.launch(&cfg).await;
+        drop(cfg);
+        let vm = launched.map_err(|e| undo(PoolError::Setup(crate::shim::pod::chain(&e))))?;
         let record = PodRecord {
             shim_pid: std::process::id(),
             processes: record_processes(
@@ -344,7 +374,7 @@ impl Pool {
         if let Ok(mut w) = self.warm.lock() {
             w.entry(class.shape.clone())
                 .or_default()
-                .push(Warm { seq, vm, dir });
+                .push(Warm { seq, vm, dir, taps });
         }
         // A warm VM that dies is replaced. (A claimed one's watch closes
         // without an exit, and it is not on the list any more.)
@@ -423,7 +453,7 @@ impl Pool {
                 return;
             }
         };
-        let reply = match self.offer(&request).await {
+        let (reply, nic_macs) = match self.offer(&request).await {
             Ok(h) => h,
             Err(why) => {
                 tracing::debug!(%why, size = %request.shape, "no VM for a claim");
@@ -438,7 +468,10 @@ impl Pool {
         // kill the VM with.
         let s = stream.clone();
         let fds: Vec<_> = reply.pidfds.iter().map(AsRawFd::as_raw_fd).collect();
-        let offer = Reply::Offer(reply.record.clone());
+        let offer = Reply::Offer(Offer {
+            vm: reply.record.clone(),
+            nic_macs: nic_macs.clone(),
+        });
         let confirm = tokio::task::spawn_blocking(move || -> Result<(), PoolError> {
             wire::send(&s, &offer, &fds)?;
             match wire::receive_plain::<Taken>(&s)? {
@@ -465,8 +498,10 @@ impl Pool {
     }
 
     /// Takes a warm VM for `request`, moves its directory to the target
-    /// and lets go of it. `Err` says why there is none.
-    async fn offer(&self, request: &Request) -> Result<Handover, String> {
+    /// and its taps to the pod's network namespace, and lets go of it; with
+    /// it, the guest MACs of the NICs the pod gets. `Err` says why there is
+    /// none.
+    async fn offer(&self, request: &Request) -> Result<(Handover, Vec<String>), String> {
         if !is_state_dir(&request.target) {
             return Err(format!(
                 "{} is not a state directory of a pod or run (a name directly in {RUN_DIR})",
@@ -474,6 +509,20 @@ impl Pool {
             ));
         }
         check_id(&request.id).map_err(|e| e.to_string())?;
+        let nics = request.network.as_ref().map_or(0, |n| n.nics);
+        if nics > self.config.pool.nics as usize {
+            return Err(format!(
+                "the pod mirrors {nics} interfaces, and warm VMs have {} NICs (pool.nics)",
+                self.config.pool.nics
+            ));
+        }
+        // Opened before a VM is taken: a namespace that is gone costs none.
+        let netns = match &request.network {
+            Some(n) if nics > 0 => {
+                Some(open_netns(&n.netns).map_err(|e| crate::shim::pod::chain(&e))?)
+            }
+            _ => None,
+        };
         let Some(warm) = self.take(&request.shape) else {
             return Err(format!("no warm VM of {}", request.shape));
         };
@@ -487,8 +536,20 @@ impl Pool {
             self.put_back(request.shape.clone(), warm);
             return Err(why);
         }
+        if let Some(holding) = &self.holding {
+            if let Err(e) = holding.hand_over(&warm.taps, nics, netns).await {
+                // Some taps may be the pod's already: the VM cannot go back.
+                warm.vm.kill().await;
+                undo_dir(&request.target);
+                return Err(crate::shim::pod::chain(&e));
+            }
+        }
+        let nic_macs = warm.taps[..nics]
+            .iter()
+            .map(|t| t.mac.to_string())
+            .collect();
         match warm.vm.release().await {
-            Ok(h) => Ok(h),
+            Ok(h) => Ok((h, nic_macs)),
             Err(e) => {
                 undo_dir(&request.target);
                 Err(e.to_string())

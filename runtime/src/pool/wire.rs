@@ -30,6 +30,19 @@ pub struct Request {
     /// The pod's name for the VM (logs, process titles of later
     /// messages).
     pub id: String,
+    /// The pod's network, when it has one to mirror.
+    #[serde(default)]
+    pub network: Option<NetworkClaim>,
+}
+
+/// What a pod with a network needs of a warm VM's NICs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkClaim {
+    /// The pod's network namespace (a host path), where the pool moves the
+    /// VM's taps.
+    pub netns: PathBuf,
+    /// How many interfaces it mirrors: the VM's first NICs serve them.
+    pub nics: usize,
 }
 
 /// The pool's answer.
@@ -37,9 +50,20 @@ pub struct Request {
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
     /// A VM, now in `target`; its pidfds come with the message.
-    Offer(HandoverRecord),
+    Offer(Offer),
     /// No VM; why.
     None(String),
+}
+
+/// An offered VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Offer {
+    pub vm: HandoverRecord,
+    /// The guest MACs of the NICs whose taps are now in the pod's
+    /// namespace (as `tap<i>_nutshell`), in order: the agent finds each
+    /// NIC by it and gives it the pod's.
+    #[serde(default)]
+    pub nic_macs: Vec<String>,
 }
 
 /// The claimer has adopted the offered VM.

@@ -11,9 +11,10 @@ use tokio::task::JoinHandle;
 use crate::agent::{AgentClient, DialOptions};
 use crate::config::Config;
 use crate::hypervisor::select::select_backend;
-use crate::hypervisor::{Hypervisor, Nic, RunningVm, VmConfig};
-use crate::network::{self, NetworkRecord, Plumbed, PodNetwork};
+use crate::hypervisor::{Hypervisor, Nic, VmConfig};
+use crate::network::{self, Mac, NetworkRecord, Plumbed, PodNetwork, TapSource};
 use crate::pool::claim::claim_or_cold;
+use crate::pool::wire::NetworkClaim;
 use crate::sandbox::Sandbox;
 
 use super::events::Events;
@@ -99,6 +100,10 @@ pub const HOST_NETWORK_WARNING: &str = "the pod asks for the host's network, whi
 struct Mirror {
     record: NetworkRecord,
     sent: PodNetwork,
+    /// A claimed warm VM's NIC MACs, which the guest's NICs carry until
+    /// the first UpdateNetwork gives them the veths'; empty after a cold
+    /// boot.
+    warm_macs: Vec<Mac>,
 }
 
 /// A running pod.
@@ -141,7 +146,20 @@ impl Pod {
             spec.size.vcpus,
             spec.size.memory_mib,
         );
-        let claimed = claim_warm(spec, &vm, config, hypervisor.as_ref()).await;
+        let network = read_network(spec).await?;
+        let dial = DialOptions {
+            deadline: config.agent.dial_timeout,
+            ..DialOptions::default()
+        };
+        let warm = claim_warm(
+            spec,
+            &vm,
+            config,
+            hypervisor.as_ref(),
+            network.as_ref(),
+            &dial,
+        )
+        .await;
         let prep = {
             let (dir, shared, key) = (dir.clone(), shared.clone(), spec.key.clone());
             tokio::task::spawn_blocking(move || -> Result<(), ShimError> {
@@ -163,7 +181,15 @@ impl Pod {
             undo_dirs(&dir).await;
             return Err(e);
         }
-        let plumbed = match plumb_network(spec, &dir).await {
+        let (attached, warm_macs) = match warm {
+            Some((sandbox, macs)) => (Some(sandbox), macs),
+            None => (None, Vec::new()),
+        };
+        let source = match attached {
+            Some(_) => TapSource::Moved,
+            None => TapSource::Make,
+        };
+        let plumbed = match plumb_network(network, &dir, source).await {
             Ok(p) => p,
             Err(e) => {
                 undo_dirs(&dir).await;
@@ -183,6 +209,7 @@ impl Pod {
                 let mirror = Mirror {
                     record: p.record,
                     sent: net,
+                    warm_macs,
                 };
                 (Some(mirror), nics)
             }
@@ -190,11 +217,10 @@ impl Pod {
         };
         let booted = Self::boot(
             spec,
-            config,
             hypervisor.as_ref(),
             (vm, nics),
             mirror.as_ref(),
-            claimed,
+            (attached, &dial),
         )
         .await;
         match booted {
@@ -223,36 +249,21 @@ impl Pod {
 
     async fn boot(
         spec: &PodSpec,
-        config: &Config,
         hypervisor: &dyn Hypervisor,
         (mut vm, nics): (VmConfig, Vec<Nic>),
         mirror: Option<&Mirror>,
-        claimed: Option<RunningVm>,
+        (attached, dial): (Option<Sandbox>, &DialOptions),
     ) -> Result<Sandbox, ShimError> {
         let dir = vm.state_dir.clone();
         vm.nics = nics;
-        let dial = DialOptions {
-            deadline: config.agent.dial_timeout,
-            ..DialOptions::default()
-        };
         tracing::info!(
             pod = %spec.key.pod, namespace = %spec.key.namespace, backend = hypervisor.name(), vcpus = vm.vcpus, memory_mib = vm.memory_mib,
             "starting the pod's VM"
         );
         let started = std::time::Instant::now();
-        let attached = match claimed {
-            Some(warm) => match Sandbox::attach(warm, &dial).await {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::warn!(pod = %spec.key.pod, error = %chain(&e), "the claimed warm VM's agent did not answer; booting cold");
-                    None
-                }
-            },
-            None => None,
-        };
         let sandbox = match attached {
             Some(s) => s,
-            None => Sandbox::start_relaunching(hypervisor, &vm, &dial)
+            None => Sandbox::start_relaunching(hypervisor, &vm, dial)
                 .await
                 .map_err(|e| ShimError::Vm(chain(&e)))?,
         };
@@ -281,7 +292,8 @@ impl Pod {
             return Err(ShimError::Vm(format!("{} (VM killed: {exit})", chain(&e))));
         }
         if let Some(m) = mirror {
-            if let Err(e) = sandbox.agent().update_network(&m.sent.to_request()).await {
+            let request = m.sent.to_request(&m.warm_macs);
+            if let Err(e) = sandbox.agent().update_network(&request).await {
                 let exit = sandbox.vm().kill().await;
                 return Err(ShimError::Vm(format!(
                     "the guest did not take the pod's network from {}: {} (VM killed: {exit})",
@@ -342,7 +354,7 @@ impl Pod {
             )));
         }
         self.agent()
-            .update_network(&now.to_request())
+            .update_network(&now.to_request(&[]))
             .await
             .map_err(|e| ShimError::agent("UpdateNetwork", e))?;
         tracing::info!(pod = %self.id, "pod network updated after a change in its namespace");
@@ -382,27 +394,36 @@ fn check_assets(config: &Config) -> Result<(), ShimError> {
     Ok(())
 }
 
-/// A warm VM from the pool for the pod ([`claim_or_cold`]), unless the pod
-/// mirrors a network namespace: warm VMs have no NIC yet.
+/// A warm VM from the pool for the pod ([`claim_or_cold`]), its agent
+/// dialled, with the guest MACs of the NICs whose taps the pool moved into
+/// the pod's network namespace. An agent that does not answer means a
+/// cold boot, like no warm VM at all; its VM is gone (and its taps with
+/// it) by then.
 async fn claim_warm(
     spec: &PodSpec,
     vm: &VmConfig,
     config: &Config,
     hypervisor: &dyn Hypervisor,
-) -> Option<RunningVm> {
-    if matches!(spec.network, NetworkMode::Mirrored(_)) {
-        tracing::debug!(pod = %spec.key.pod, "no warm VM, booting cold: the pod mirrors a network namespace, and warm VMs have no NIC");
-        return None;
+    network: Option<&(PathBuf, PodNetwork)>,
+    dial: &DialOptions,
+) -> Option<(Sandbox, Vec<Mac>)> {
+    let claim = network.map(|(netns, net)| NetworkClaim {
+        netns: netns.clone(),
+        nics: net.interfaces.len(),
+    });
+    let warm = claim_or_cold(&config.pool, vm, hypervisor.name(), claim).await?;
+    match Sandbox::attach(warm.vm, dial).await {
+        Ok(s) => Some((s, warm.nic_macs)),
+        Err(e) => {
+            tracing::warn!(pod = %spec.key.pod, error = %chain(&e), "the claimed warm VM's agent did not answer; booting cold");
+            None
+        }
     }
-    claim_or_cold(&config.pool, vm, hypervisor.name()).await
 }
 
-/// Reads and plumbs the pod's network namespace, when it has one to
-/// mirror. A host-network pod is logged as the README says.
-async fn plumb_network(
-    spec: &PodSpec,
-    dir: &Path,
-) -> Result<Option<(PodNetwork, Plumbed)>, ShimError> {
+/// Reads the pod's network namespace, when it has one to mirror. A
+/// host-network pod is logged as the README says.
+async fn read_network(spec: &PodSpec) -> Result<Option<(PathBuf, PodNetwork)>, ShimError> {
     let netns = match &spec.network {
         NetworkMode::Mirrored(p) => p,
         NetworkMode::Host => {
@@ -414,7 +435,20 @@ async fn plumb_network(
     let net = network::scan(netns)
         .await
         .map_err(|e| ShimError::FailedPrecondition(chain(&e)))?;
-    let plumbed = network::plumb(netns, &net, dir)
+    Ok(Some((netns.clone(), net)))
+}
+
+/// Plumbs the pod's network, read by [`read_network`], with taps from
+/// `source`.
+async fn plumb_network(
+    network: Option<(PathBuf, PodNetwork)>,
+    dir: &Path,
+    source: TapSource,
+) -> Result<Option<(PodNetwork, Plumbed)>, ShimError> {
+    let Some((netns, net)) = network else {
+        return Ok(None);
+    };
+    let plumbed = network::plumb(&netns, &net, dir, source)
         .await
         .map_err(|e| ShimError::Internal(chain(&e)))?;
     Ok(Some((net, plumbed)))

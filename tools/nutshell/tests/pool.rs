@@ -18,8 +18,8 @@ use nutshell_runtime::agent::DialOptions;
 use nutshell_runtime::config::Config;
 use nutshell_runtime::hypervisor::select::select_backend;
 use nutshell_runtime::mounts::{remove_tree, unmount_below};
-use nutshell_runtime::pool::claim::claim;
-use nutshell_runtime::pool::wire::{self, Reply, Request};
+use nutshell_runtime::pool::claim::{claim, Claimed};
+use nutshell_runtime::pool::wire::{self, NetworkClaim, Reply, Request};
 use nutshell_runtime::pool::{PoolError, VmShape};
 use nutshell_runtime::sandbox::Sandbox;
 use nutshell_runtime::shim::state::PodKey;
@@ -134,7 +134,25 @@ impl TestPool {
             self.config.vm.vcpus,
             self.config.vm.memory_mib,
         );
-        VmShape::of(&vm, backend).unwrap()
+        VmShape::of(&vm, backend)
+    }
+
+    /// Claims a VM of `shape` for pod `id`, its directory moved to
+    /// `target`, with a network when one is given.
+    async fn claim(
+        &self,
+        shape: &VmShape,
+        id: &str,
+        target: &Path,
+        network: Option<NetworkClaim>,
+    ) -> Result<Claimed, PoolError> {
+        let request = Request {
+            shape: shape.clone(),
+            target: target.to_path_buf(),
+            id: id.to_string(),
+            network,
+        };
+        claim(&self.socket, request).await
     }
 }
 
@@ -217,17 +235,38 @@ async fn two_claims_get_two_vms_and_a_claimer_that_walks_away_leaks_nothing_body
     pool.wait_warm(2);
     let backend = select_backend(pool.config.vm.backend).await.unwrap();
     let shape = pool.shape(backend.name());
+    // A pod with more interfaces than warm VMs have NICs, or whose
+    // namespace is gone, is refused before a VM is taken.
+    let refused = Target::new("refused");
+    for (netns, nics, why) in [
+        ("/proc/self/ns/net", 2, "pool.nics"),
+        (
+            "/run/netns/nutshell-pool-test-gone",
+            1,
+            "nutshell-pool-test-gone",
+        ),
+    ] {
+        let net = NetworkClaim {
+            netns: netns.into(),
+            nics,
+        };
+        match pool.claim(&shape, "refused", &refused.0, Some(net)).await {
+            Err(PoolError::Empty(e)) => assert!(e.contains(why), "{e}"),
+            other => panic!("a claim for {nics} NICs in {netns} got {other:?}"),
+        }
+        assert!(!refused.0.exists());
+    }
     let (ta, tb) = (Target::new("a"), Target::new("b"));
     let (a, b) = tokio::join!(
-        claim(&pool.socket, &shape, "a", &ta.0),
-        claim(&pool.socket, &shape, "b", &tb.0)
+        pool.claim(&shape, "a", &ta.0, None),
+        pool.claim(&shape, "b", &tb.0, None)
     );
-    let (a, b) = (a.unwrap(), b.unwrap());
+    let (a, b) = (a.unwrap().vm, b.unwrap().vm);
     assert_ne!(a.vmm_pid(), b.vmm_pid(), "one VM was given twice");
     // Both were booted before the claims; a third finds the pool empty
     // while it boots their replacements (seconds under TCG).
     let tc = Target::new("c");
-    match claim(&pool.socket, &shape, "c", &tc.0).await {
+    match pool.claim(&shape, "c", &tc.0, None).await {
         Err(PoolError::Empty(why)) => assert!(why.contains("no warm VM"), "{why}"),
         other => panic!("a third claim got {other:?}"),
     }
@@ -264,6 +303,7 @@ async fn two_claims_get_two_vms_and_a_claimer_that_walks_away_leaks_nothing_body
         shape: shape.clone(),
         target: walker.0.clone(),
         id: "walker".into(),
+        network: None,
     };
     let offered = tokio::task::spawn_blocking(move || {
         let s = UnixStream::connect(&socket).unwrap();
@@ -275,10 +315,10 @@ async fn two_claims_get_two_vms_and_a_claimer_that_walks_away_leaks_nothing_body
     })
     .await
     .unwrap();
-    let Reply::Offer(record) = offered else {
+    let Reply::Offer(offer) = offered else {
         panic!("no offer: {offered:?}");
     };
-    let pids: Vec<u32> = record.processes.iter().map(|p| p.pid).collect();
+    let pids: Vec<u32> = offer.vm.processes.iter().map(|p| p.pid).collect();
     wait_gone(&pids, "the VM of a claimer that walked away");
     let deadline = Instant::now() + Duration::from_secs(10);
     while walker.0.exists() {
@@ -297,7 +337,7 @@ async fn two_claims_get_two_vms_and_a_claimer_that_walks_away_leaks_nothing_body
         Vec::new(),
         "warm VMs outlived their pool"
     );
-    drop((ta, tb, tc, walker));
+    drop((ta, tb, tc, walker, refused));
     let after = Footprint::settle_to(&before, Duration::from_secs(10));
     assert_eq!(after, before, "the pool left something behind");
 }
@@ -318,7 +358,7 @@ async fn a_pool_killed_with_sigkill_leaves_claimed_vms_to_their_owners_body() {
     let backend = select_backend(pool.config.vm.backend).await.unwrap();
     let shape = pool.shape(backend.name());
     let t = Target::new("survivor");
-    let vm = claim(&pool.socket, &shape, "survivor", &t.0).await.unwrap();
+    let vm = pool.claim(&shape, "survivor", &t.0, None).await.unwrap().vm;
     let dead_pool = pool.pid();
     kill(Pid::from_raw(dead_pool as i32), Signal::SIGKILL).unwrap();
     if let Some(mut c) = pool.child.take() {

@@ -232,7 +232,9 @@ async fn claim_warm(id: &str, args: &RunArgs, backend: &str) -> Option<RunningVm
         }
     };
     let vm = vm_config(id, args, &workdir::run_dir(id));
-    claim_or_cold(&config.pool, &vm, backend).await
+    claim_or_cold(&config.pool, &vm, backend, None)
+        .await
+        .map(|c| c.vm)
 }
 
 /// The run's VM, its state in `dir`.
