@@ -30,6 +30,7 @@ cargo test --workspace
 
 step "the containerd suites once more, their pods claiming warm VMs (each private containerd runs a nutshell pool; CNI pods get the warm VM's NIC moved into their namespace)"
 NUTSHELL_TEST_POOL=1 cargo test -p nutshell-tests --test containerd_ctr --test containerd_faults --test containerd_parallel --test containerd_cni --test containerd_cri
+NUTSHELL_TEST_POOL=1 cargo test -p nutshell-tests --test engine_docker --test engine_podman bridge_network
 
 step "fuzz the VMM's guest-facing parsers for a bounded time (cargo-fuzz, nightly)"
 # Built outside the clone, so a clean clone reuses the instrumented build.

@@ -7,14 +7,15 @@
 //!
 //! `cargo run -p nutshell-tests --example engine_bench [RUNS] [second]`
 //! (as root; `second` adds the runtime at `$NUTSHELL_RUNC_BIN`, by default
-//! the workspace's nutshell-runc; `tools/bench/engines.sh` builds and runs
-//! it).
+//! the workspace's nutshell-runc, twice: booting cold, and claiming from a
+//! warm pool of the engine's own, each run once the pool has refilled;
+//! `tools/bench/engines.sh` builds and runs it).
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nutshell_tests::containerd::runc_cli_binary;
+use nutshell_tests::containerd::{runc_cli_binary, TEST_POOL_ENV};
 use nutshell_tests::engines::{text, Engine, Kind, Runtime, RUNC};
 use nutshell_tests::{host_summary, percentile_ms};
 
@@ -33,6 +34,7 @@ fn measure(kind: Kind, runtime: Runtime, runs: usize) -> Result<Vec<Duration>, S
     let args = e.run_args(&["--rm", "--network=none"], &["true"]);
     let mut times = Vec::with_capacity(runs);
     for i in 0..=runs {
+        e.wait_pool_warm()?;
         // Not through Engine::output, whose polling would round the times.
         let t = Instant::now();
         let out = e.cmd(&args).output().map_err(|err| err.to_string())?;
@@ -50,6 +52,15 @@ fn measure(kind: Kind, runtime: Runtime, runs: usize) -> Result<Vec<Duration>, S
             times.push(took);
         }
     }
+    if let Some(claims) = e.pool_claims() {
+        if claims < runs + 1 {
+            return Err(format!(
+                "{}: {claims} of {} runs claimed a warm VM",
+                e.name(),
+                runs + 1
+            ));
+        }
+    }
     e.finish();
     Ok(times)
 }
@@ -62,27 +73,40 @@ fn main() -> Result<(), String> {
             .map_err(|_| format!("RUNS must be a number: {a:?}"))?,
         None => 20,
     };
-    let mut runtimes = vec![(Runtime::Runc, RUNC.to_string())];
+    let mut runtimes = vec![(Runtime::Runc, RUNC.to_string(), false)];
     if args.next().as_deref() == Some("second") {
         let bin = runc_cli_binary().ok_or("no second runtime: set NUTSHELL_RUNC_BIN")?;
-        runtimes.push((Runtime::Nutshell, bin.display().to_string()));
+        let bin = bin.display().to_string();
+        runtimes.push((Runtime::Nutshell, bin.clone(), false));
+        runtimes.push((Runtime::Nutshell, bin, true));
     }
     println!("host: {}", host_summary());
     println!("{}; {}", version("podman"), version("dockerd"));
     println!(
-        "\n{:<7} {:<40} {:>8} {:>8}  (run --rm --network=none IMAGE true, {runs} runs each)",
+        "\n{:<7} {:<60} {:>8} {:>8}  (run --rm --network=none IMAGE true, {runs} runs each)",
         "engine", "runtime", "p50_ms", "p99_ms"
     );
     for kind in [Kind::Podman, Kind::Docker] {
-        for (runtime, path) in &runtimes {
+        for (runtime, path, pool) in &runtimes {
+            // Read by Engine::start (with_test_pool); one thread so far.
+            if *pool {
+                std::env::set_var(TEST_POOL_ENV, "1");
+            } else {
+                std::env::remove_var(TEST_POOL_ENV);
+            }
             let mut times = measure(kind, *runtime, runs)?;
             let name = Path::new(path)
                 .file_name()
                 .map_or(path.as_str(), |n| n.to_str().unwrap_or(path.as_str()));
+            let how = match (runtime, pool) {
+                (Runtime::Runc, _) => "",
+                (_, false) => " cold",
+                (_, true) => " pool",
+            };
             println!(
-                "{:<7} {:<40} {:>8.0} {:>8.0}",
+                "{:<7} {:<60} {:>8.0} {:>8.0}",
                 format!("{kind:?}").to_lowercase(),
-                format!("{name} ({path})"),
+                format!("{name}{how} ({path})"),
                 percentile_ms(&mut times, 50),
                 percentile_ms(&mut times, 99)
             );

@@ -237,11 +237,7 @@ impl Containerd {
             }
             None => nutshell_config_path.clone(),
         };
-        let pool = if pool_socket_in(&nutshell_config_path)? == Some(pool_socket.clone()) {
-            Some(start_pool(&nutshell_config_path, &dir.join("pool.log"))?)
-        } else {
-            None
-        };
+        let pool = start_test_pool(&nutshell_config_path, &pool_socket, &dir.join("pool.log"))?;
         fs::write(
             dir.join("config.toml"),
             containerd_config(&dir, &cri_config_path),
@@ -361,8 +357,7 @@ impl Containerd {
     /// one ([`TEST_POOL_ENV`]); the pool logs each claim.
     pub fn pool_claims(&self) -> Option<usize> {
         self.pool.as_ref()?;
-        let log = fs::read_to_string(self.dir.join("pool.log")).unwrap_or_default();
-        Some(log.matches("VM claimed").count())
+        Some(claims_logged(&self.dir.join("pool.log")))
     }
 
     /// A `ctr` command bound to this containerd and [`NAMESPACE`].
@@ -509,7 +504,7 @@ impl Drop for Containerd {
 
 /// `text` with a warm pool on `socket` when [`TEST_POOL_ENV`] asks for one
 /// and the config has its pool off; else `text` as it is.
-fn with_test_pool(text: &str, socket: &Path) -> io::Result<String> {
+pub(crate) fn with_test_pool(text: &str, socket: &Path) -> io::Result<String> {
     if std::env::var(TEST_POOL_ENV).as_deref() != Ok("1") {
         return Ok(text.to_string());
     }
@@ -527,6 +522,27 @@ fn with_test_pool(text: &str, socket: &Path) -> io::Result<String> {
     pool.insert("socket".into(), socket.display().to_string().into());
     pool.insert("warm".into(), 1.into());
     Ok(t.to_string())
+}
+
+/// How many claims the pool log at `log` records.
+pub(crate) fn claims_logged(log: &Path) -> usize {
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches("VM claimed")
+        .count()
+}
+
+/// The test's own pool (`nutshell pool`, logging to `log`) when the config
+/// at `config` has its pool on `socket`, as [`with_test_pool`] writes it.
+pub(crate) fn start_test_pool(
+    config: &Path,
+    socket: &Path,
+    log: &Path,
+) -> io::Result<Option<Child>> {
+    if pool_socket_in(config)?.as_deref() != Some(socket) {
+        return Ok(None);
+    }
+    start_pool(config, log).map(Some)
 }
 
 /// The pool socket of the config at `path`, when its pool is on.

@@ -41,10 +41,11 @@ use nutshell_runtime::mounts::mounts_below;
 
 use self::cgroups::{cgroup_processes, remove_cgroup};
 use crate::containerd::{
-    output_with_timeout, runc_cli_binary, serial, test_images, test_nutshell_config,
+    claims_logged, output_with_timeout, runc_cli_binary, serial, start_test_pool, test_images,
+    test_nutshell_config, with_test_pool,
 };
 use crate::netns::TestNetns;
-use crate::{guest_dir, is_root, processes_mentioning, require, which, BUSYBOX};
+use crate::{guest_dir, is_root, processes_mentioning, require, terminate, which, BUSYBOX};
 
 /// The test image (`NS_ENGINE_IMAGE` of `tools/lib/test-images.sh`),
 /// loaded from its docker-archive into every engine.
@@ -178,6 +179,9 @@ pub struct Engine {
     /// container of this engine.
     cgroup_parent: String,
     dockerd: Option<Child>,
+    /// The warm pool its containers claim from, under
+    /// [`crate::containerd::TEST_POOL_ENV`].
+    pool: Option<Child>,
     /// Podman runs the runtime with its default state root: the containers
     /// it listed before the test.
     runtime_state_before: Vec<String>,
@@ -229,6 +233,7 @@ impl Engine {
             dir,
             cgroup_parent: name,
             dockerd: None,
+            pool: None,
             runtime_state_before: Vec::new(),
             absent_machine_paths,
             finished: false,
@@ -236,8 +241,12 @@ impl Engine {
             _guard: guard,
         };
         if runtime.runs_vms() {
-            fs::write(e.nutshell_config(), test_nutshell_config(""))
-                .expect("the nutshell config can be written");
+            let socket = e.dir.join("pool.sock");
+            let config = with_test_pool(&test_nutshell_config(""), &socket)
+                .expect("the nutshell config can be made");
+            fs::write(e.nutshell_config(), config).expect("the nutshell config can be written");
+            e.pool = start_test_pool(&e.nutshell_config(), &socket, &e.dir.join("pool.log"))
+                .expect("the test's pool starts");
         }
         match kind {
             Kind::Podman => {
@@ -462,6 +471,41 @@ impl Engine {
         left
     }
 
+    /// Stops the test's pool, if it runs one: its warm VMs go with it.
+    fn stop_pool(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            let _ = terminate(pool, Duration::from_secs(30));
+        }
+    }
+
+    /// Waits (up to a minute) until its pool, when it runs one, has a VM
+    /// warm that no container claimed yet: a benchmark's next run then
+    /// claims rather than boots cold.
+    pub fn wait_pool_warm(&self) -> Result<(), String> {
+        let Some(claims) = self.pool_claims() else {
+            return Ok(());
+        };
+        let log = self.dir.join("pool.log");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            if text.matches("warm VM ready").count() > claims {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the pool never refilled:\n{text}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// How many VMs its containers claimed from its pool so far, when it
+    /// runs one; the pool logs each claim.
+    pub fn pool_claims(&self) -> Option<usize> {
+        self.pool.as_ref()?;
+        Some(claims_logged(&self.dir.join("pool.log")))
+    }
+
     /// Removes every container, stops the engine, and asserts that nothing
     /// of the test is left: no container in the engine or in the runtime's
     /// state, no process, container process or mount (waiting up to
@@ -480,6 +524,7 @@ impl Engine {
                 self.log_tail(40)
             );
         }
+        self.stop_pool();
         let deadline = Instant::now() + SETTLE;
         loop {
             let left = self.leftovers();
@@ -528,6 +573,7 @@ impl Drop for Engine {
         if !self.finished {
             let _ = self.remove_containers();
             let _ = self.stop_dockerd();
+            self.stop_pool();
             let needle = format!("{}/", self.dir.display());
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {

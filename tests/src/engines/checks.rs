@@ -174,6 +174,9 @@ pub fn kernel_and_runtime(e: &Engine) {
 /// namespace (where the engine runs) fetches its page by the container's
 /// IP from `inspect`, which is the address on the container's `eth0`.
 pub fn bridge_network(e: &Engine) {
+    // With a pool (NUTSHELL_TEST_POOL=1), the container claims a warm VM,
+    // whose NIC moves into the container's namespace.
+    e.wait_pool_warm().expect("the pool warms up");
     e.ok(&e.run_args(
         &["-d", "--name", "web"],
         &["httpd", "-f", "-p", "80", "-h", "/www"],
@@ -198,6 +201,9 @@ pub fn bridge_network(e: &Engine) {
         }
     };
     assert_eq!(body, format!("{WWW_PAGE}\n"));
+    if let Some(claims) = e.pool_claims() {
+        assert_eq!(claims, 1, "the container's VM was not a warm one");
+    }
 }
 
 /// `docker stats --no-stream`: one sample of a running container, with
