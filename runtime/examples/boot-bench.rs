@@ -15,7 +15,7 @@ use nutshell_runtime::agent::DialOptions;
 use nutshell_runtime::hypervisor::nutshell_vmm::VmmHypervisor;
 use nutshell_runtime::hypervisor::qemu::QemuHypervisor;
 use nutshell_runtime::hypervisor::{
-    Accel, Hypervisor, HypervisorError, VmConfig, GUEST_ASSETS_DIR,
+    pss_by_cause, Accel, Cause, Hypervisor, HypervisorError, VmConfig, GUEST_ASSETS_DIR,
 };
 use nutshell_runtime::sandbox::Sandbox;
 
@@ -125,6 +125,8 @@ async fn main() {
     let (mut ready, mut down, mut guest_used, mut rss, mut pss) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut failed = 0;
+    // Of the last boot that came up: PSS by process and cause.
+    let mut last_by_cause: Vec<(String, Vec<(Cause, u64)>)> = Vec::new();
     for i in 0..args.boots {
         let id = format!("bench-{i}");
         let mut config = VmConfig::new(&id, tmp.join(&id));
@@ -153,6 +155,16 @@ async fn main() {
         let ready_s = t.elapsed().as_secs_f64();
         let details = sandbox.agent().guest_details().await;
         let mem = sandbox.vm().host_memory();
+        let guest_bytes = u64::from(args.memory_mib) << 20;
+        last_by_cause = sandbox
+            .vm()
+            .processes()
+            .iter()
+            .map(|(role, pid)| {
+                let by = pss_by_cause(&[*pid], guest_bytes).unwrap_or_default();
+                (role.to_string(), by)
+            })
+            .collect();
         let t = Instant::now();
         let exit = sandbox.shutdown(Duration::from_secs(10)).await;
         let down_s = t.elapsed().as_secs_f64();
@@ -184,5 +196,18 @@ async fn main() {
     summary("host RSS of the VM process tree", "MiB", rss);
     summary("host PSS of the VM process tree", "MiB", pss);
     summary("shutdown (DestroySandbox to reaped)", "s  ", down);
+    println!("host PSS by process and cause, last boot (MiB):");
+    for (role, by) in &last_by_cause {
+        let parts: Vec<String> = by
+            .iter()
+            .map(|(c, kib)| format!("{} {:.1}", c.label(), *kib as f64 / 1024.0))
+            .collect();
+        let total: u64 = by.iter().map(|(_, k)| k).sum();
+        println!(
+            "  {role:<22} {:>6.1}: {}",
+            total as f64 / 1024.0,
+            parts.join(", ")
+        );
+    }
     println!("failed boots: {failed} of {}", args.boots);
 }

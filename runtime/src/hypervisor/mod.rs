@@ -11,6 +11,7 @@
 //! `vmm/`) wherever KVM can run Linux, and QEMU ([`qemu::QemuHypervisor`])
 //! everywhere else; [`select::select_backend`] chooses.
 
+pub mod cgroups;
 mod cmdline;
 mod console;
 pub mod handover;
@@ -36,7 +37,7 @@ use crate::network::Mac;
 
 pub(crate) use console::format_tail;
 pub use console::sanitize_line;
-pub use memory::{host_memory, HostMemory};
+pub use memory::{host_memory, pss_by_cause, Cause, HostMemory};
 pub use vm::{ProcessRole, ProcessStatus, RunningVm, VmEndWatch, VmExit};
 
 /// Directory of the installed guest assets.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::wire::{self, NetworkClaim, Reply, Request, Taken};
 use super::{PoolError, VmShape};
 use crate::config::PoolSettings;
+use crate::hypervisor::cgroups::join_my_cgroups;
 use crate::hypervisor::handover::{kill, renice_groups, Handover};
 use crate::hypervisor::{RunningVm, VmConfig};
 use crate::network::Mac;
@@ -64,8 +65,8 @@ pub async fn claim_or_cold(
 /// Asks the pool on `socket` for a VM of `request.shape`, its state
 /// directory to be moved to `request.target` (which must not exist), and
 /// adopts it as `request.id`. On success this process owns the VM: it
-/// runs at this process's niceness and ends when this process kills it or
-/// it powers off. Every error means no VM was taken and nothing is left
+/// runs at this process's niceness, in its cgroups, and ends when this
+/// process kills it or it powers off. Every error means no VM was taken and nothing is left
 /// behind.
 pub async fn claim(socket: &Path, request: Request) -> Result<Claimed, PoolError> {
     let id = request.id.clone();
@@ -123,6 +124,7 @@ pub async fn claim(socket: &Path, request: Request) -> Result<Claimed, PoolError
     // SAFETY: getpriority takes plain integers.
     let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
     renice_groups(&leaders, nice);
+    join_my_cgroups(&leaders);
     Ok(Claimed { vm, nic_macs })
 }
 

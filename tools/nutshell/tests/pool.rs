@@ -16,6 +16,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use nutshell_runtime::agent::DialOptions;
 use nutshell_runtime::config::Config;
+use nutshell_runtime::hypervisor::cgroups::my_cgroup_dirs;
 use nutshell_runtime::hypervisor::select::select_backend;
 use nutshell_runtime::mounts::{remove_tree, unmount_below};
 use nutshell_runtime::pool::claim::{claim, Claimed};
@@ -33,6 +34,9 @@ const DIAL: Duration = Duration::from_secs(60);
 /// A `nutshell pool` of this test: its config, socket and log.
 struct TestPool {
     child: Option<Child>,
+    /// A cgroup of its own, beside the test's, so that a claimed VM's
+    /// move into its claimer's cgroups shows.
+    cgroup: PathBuf,
     dir: tempfile::TempDir,
     config_path: PathBuf,
     socket: PathBuf,
@@ -55,8 +59,18 @@ impl TestPool {
         let config_path = dir.path().join("config.toml");
         fs::write(&config_path, &text).unwrap();
         let config = Config::from_file(&config_path).unwrap();
+        let cgroup = my_cgroup_dirs()
+            .first()
+            .expect("the test runs in a cgroup")
+            .join(format!(
+                "nutshell-pool-test-{}-{}",
+                std::process::id(),
+                dir.path().file_name().unwrap().to_string_lossy()
+            ));
+        fs::create_dir(&cgroup).unwrap();
         let mut me = Self {
             child: None,
+            cgroup,
             dir,
             config_path,
             socket,
@@ -72,8 +86,14 @@ impl TestPool {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_nutshell"))
-            .args(["pool", "--config"])
+        // Into its cgroup before it execs, so that every VM it boots is
+        // there too.
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"echo $$ > "$1/cgroup.procs" && exec "$2" pool --config "$3""#)
+            .arg("sh")
+            .arg(&self.cgroup)
+            .arg(env!("CARGO_BIN_EXE_nutshell"))
             .arg(&self.config_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -162,7 +182,17 @@ impl Drop for TestPool {
             let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
             let _ = c.wait();
         }
+        // Empty once the pool and its warm VMs are gone.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fs::remove_dir(&self.cgroup).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
+}
+
+/// `/proc/<pid>/cgroup`: every hierarchy's cgroup of the process.
+fn cgroups_of(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default()
 }
 
 /// A pod directory for a claim in this test, removed on drop.
@@ -263,6 +293,19 @@ async fn two_claims_get_two_vms_and_a_claimer_that_walks_away_leaks_nothing_body
     );
     let (a, b) = (a.unwrap().vm, b.unwrap().vm);
     assert_ne!(a.vmm_pid(), b.vmm_pid(), "one VM was given twice");
+    // Booted in the pool's cgroup, every process of a claimed VM is in
+    // the claimer's now.
+    let mine = cgroups_of(std::process::id());
+    for vm in [&a, &b] {
+        for (role, pid) in vm.processes() {
+            assert_eq!(cgroups_of(*pid), mine, "{role} {pid}");
+        }
+    }
+    assert_ne!(
+        cgroups_of(pool.pid()),
+        mine,
+        "the pool is in a cgroup of its own"
+    );
     // Both were booted before the claims; a third finds the pool empty
     // while it boots their replacements (seconds under TCG).
     let tc = Target::new("c");
