@@ -13,7 +13,9 @@
 #     kernel panic, a silent agent, a console flood) end with our error;
 #  4. containerd end to end with `vm.backend = "vmm"` (NUTSHELL_TEST_BACKEND):
 #     a `ctr run`, CRI pods on a CNI bridge reaching each other through our
-#     virtio-net, and a killed shim's clean-up ($NESTED_TESTS names them).
+#     virtio-net, and a killed shim's clean-up ($NESTED_TESTS names them);
+#  5. the warm pool: CRI pods on the bridge claiming warm VMs with NICs
+#     (unless NESTED_TESTS chose the tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { printf '\n--> %s\n' "$*"; }
@@ -41,11 +43,21 @@ export NUTSHELL_TEST_BACKEND=vmm
 tests=${NESTED_TESTS:-"guest_vmm
 containerd_ctr ctr_run_prints_the_guest_kernel
 containerd_cni nutshell_pods_on_a_cni_bridge a_killed_shim_leaves_no_tap"}
-while read -r file filters; do
-  [[ -n $file ]] || continue
+run_test() {
+  local file=$1
+  shift
   # shellcheck disable=SC2012 # names are cargo's: <file>-<16 hex digits>
   bin=$(ls -t target/debug/deps/"$file"-* 2>/dev/null | grep -E -- "-[0-9a-f]{16}$" | head -1 || true)
   [[ -x $bin ]] || fail "no built test binary for $file (cargo test --no-run -p nutshell-tests --test $file)"
+  "$bin" "$@" || fail "$file failed with vm.backend = vmm"
+}
+while read -r file filters; do
+  [[ -n $file ]] || continue
   # shellcheck disable=SC2086 # the filters are words
-  "$bin" $filters || fail "$file failed with vm.backend = vmm"
+  run_test "$file" $filters
 done <<<"$tests"
+
+if [[ -z ${NESTED_TESTS:-} ]]; then
+  step "the warm pool on the vmm backend: CRI pods claim warm VMs, whose NICs (our virtio-net) move into the pods' namespaces"
+  NUTSHELL_TEST_POOL=1 run_test containerd_cni nutshell_pods_on_a_cni_bridge
+fi
