@@ -86,7 +86,8 @@ impl Launch {
         }
         Ok(Self {
             files,
-            tree: ProcessTree::new(&config.id, state, config.handover),
+            tree: ProcessTree::new(&config.id, state, config.handover)
+                .in_netns(config.netns.clone()),
         })
     }
 

@@ -114,6 +114,12 @@ pub struct VmConfig {
     /// ([`handover`]): the VM's processes outlive this one, run niced until
     /// claimed, and write stderr to files in the state directory.
     pub handover: bool,
+    /// The network namespace the VM's processes run in; `None`: this
+    /// process's. A warm VM's run in the pool's holding namespace
+    /// ([`crate::network::HoldingNetns`]), which so lives as long as they
+    /// do, and with it the taps of NICs its pod did not need: a VMM whose
+    /// tap vanished would find its fd in error for good.
+    pub netns: Option<Arc<OwnedFd>>,
 }
 
 /// A virtio-net card of the VM.
@@ -145,6 +151,7 @@ impl VmConfig {
             debug_console: false,
             nics: Vec::new(),
             handover: false,
+            netns: None,
         }
     }
 

@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -166,6 +166,8 @@ pub(crate) struct ProcessTree {
     pub(super) state: StateFiles,
     /// The VM may be handed to another process (the warm pool's).
     pub(super) handover: bool,
+    /// The network namespace its processes start in ([`VmConfig::netns`]).
+    netns: Option<Arc<OwnedFd>>,
 }
 
 impl ProcessTree {
@@ -178,7 +180,14 @@ impl ProcessTree {
             exits_rx,
             state,
             handover,
+            netns: None,
         }
+    }
+
+    /// Its processes start in the network namespace `netns`.
+    pub(crate) fn in_netns(mut self, netns: Option<Arc<OwnedFd>>) -> Self {
+        self.netns = netns;
+        self
     }
 
     pub(crate) fn state(&mut self) -> &mut StateFiles {
@@ -215,6 +224,20 @@ impl ProcessTree {
             }
             None
         };
+        if let Some(ns) = &self.netns {
+            let fd = ns.as_raw_fd();
+            // SAFETY: the closure runs in the forked child before exec; it
+            // only calls setns(2), which is async-signal-safe, on an fd this
+            // tree keeps open, and allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = spawn_from_keeper(cmd).map_err(spawn_err)?;
         let pid = child
             .id()

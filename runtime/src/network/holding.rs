@@ -1,13 +1,17 @@
 //! The warm pool's taps. A warm VM boots before its pod's network exists,
-//! so its NICs' taps wait in an empty network namespace that only the pool
-//! holds: no path names it, nothing else can join it, and it goes (with
-//! the taps still in it) when the pool does. A claim moves the taps the
-//! pod needs into the pod's namespace under the names a cold boot's
-//! plumbing gives them, and deletes the rest; a moved tap keeps its VMM's
-//! fd, so the guest's NIC is on the pod's side from then on.
+//! so its NICs' taps wait in an empty network namespace of the pool's own:
+//! no path names it, and nothing joins it but the pool's VMs, whose
+//! processes run in it ([`crate::hypervisor::VmConfig::netns`]), so it
+//! lives as long as any of them. A claim moves the taps the pod needs into
+//! the pod's namespace under the names a cold boot's plumbing gives them; a
+//! moved tap keeps its VMM's fd, so the guest's NIC is on the pod's side
+//! from then on. The others stay, down and unconnected, until their VM
+//! ends: deleting a tap under a running VMM leaves its fd in error for
+//! good, which QEMU's main loop polls without end.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
 
 use nutshell_vmm::devices::virtio::net::tap::Tap;
 use rtnetlink::LinkUnspec;
@@ -20,7 +24,7 @@ use super::{Mac, NetworkError};
 /// The pool's own network namespace.
 #[derive(Debug)]
 pub struct HoldingNetns {
-    ns: File,
+    ns: Arc<OwnedFd>,
 }
 
 /// A warm VM's tap, in the holding namespace.
@@ -46,13 +50,23 @@ fn warm_tap(seq: u64, i: usize) -> WarmTap {
 
 impl HoldingNetns {
     pub fn new() -> Result<Self, NetworkError> {
-        Ok(Self { ns: new_netns()? })
+        Ok(Self {
+            ns: Arc::new(new_netns()?.into()),
+        })
+    }
+
+    /// The namespace, for the warm VMs' processes to run in.
+    pub fn netns(&self) -> Arc<OwnedFd> {
+        self.ns.clone()
     }
 
     fn fd(&self) -> Result<File, NetworkError> {
-        self.ns.try_clone().map_err(NetworkError::io(
-            "duplicate the pool's network namespace fd",
-        ))
+        self.ns
+            .try_clone()
+            .map(File::from)
+            .map_err(NetworkError::io(
+                "duplicate the pool's network namespace fd",
+            ))
     }
 
     /// `count` taps for warm VM `seq`, down and unconnected, with the fd
@@ -80,8 +94,8 @@ impl HoldingNetns {
 
     /// Moves the first `count` of `taps` into the network namespace
     /// `target` (see [`super::open_netns`]) as `tap<i>_nutshell`, for
-    /// [`super::plumb`] to join with [`super::TapSource::Moved`], and
-    /// deletes the others: those NICs of the VM stay without a link. Taps
+    /// [`super::plumb`] to join with [`super::TapSource::Moved`]. The
+    /// others stay here, and those NICs of the VM without a link. Taps
     /// moved before a failure go with their VM, which the caller then
     /// kills.
     pub async fn hand_over(
@@ -107,7 +121,8 @@ impl HoldingNetns {
         let taps = taps.to_vec();
         in_netns_fd(self.fd()?, move |handle| async move {
             let present = links(&handle).await?;
-            for (i, tap) in taps.iter().enumerate() {
+            for (i, tap) in taps.iter().take(count).enumerate() {
+                let Some(ns) = &target else { break };
                 let index = present
                     .iter()
                     .find(|l| l.name == tap.name)
@@ -116,35 +131,20 @@ impl HoldingNetns {
                         what: format!("find the warm VM's tap {}", tap.name),
                         source: std::io::Error::from(std::io::ErrorKind::NotFound),
                     })?;
-                match &target {
-                    Some(ns) if i < count => {
-                        let name = tap_name(i);
-                        let moved = LinkUnspec::new_with_index(index)
-                            .setns_by_fd(ns.as_raw_fd())
-                            .name(name.clone())
-                            .build();
-                        handle
-                            .link()
-                            .set(moved)
-                            .execute()
-                            .await
-                            .map_err(NetworkError::netlink(format!(
-                                "move the warm VM's tap {} into the pod's namespace as {name}",
-                                tap.name
-                            )))?;
-                    }
-                    _ => {
-                        handle
-                            .link()
-                            .del(index)
-                            .execute()
-                            .await
-                            .map_err(NetworkError::netlink(format!(
-                                "delete the warm VM's unused tap {}",
-                                tap.name
-                            )))?;
-                    }
-                }
+                let name = tap_name(i);
+                let moved = LinkUnspec::new_with_index(index)
+                    .setns_by_fd(ns.as_raw_fd())
+                    .name(name.clone())
+                    .build();
+                handle
+                    .link()
+                    .set(moved)
+                    .execute()
+                    .await
+                    .map_err(NetworkError::netlink(format!(
+                        "move the warm VM's tap {} into the pod's namespace as {name}",
+                        tap.name
+                    )))?;
             }
             Ok(())
         })

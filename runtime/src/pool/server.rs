@@ -327,6 +327,7 @@ impl Pool {
         cfg.handover = true;
         let mut taps = Vec::new();
         if let Some(holding) = &self.holding {
+            cfg.netns = Some(holding.netns());
             let made = holding
                 .make_taps(seq, self.config.pool.nics as usize)
                 .await
