@@ -166,7 +166,8 @@ pub(crate) struct ProcessTree {
     pub(super) state: StateFiles,
     /// The VM may be handed to another process (the warm pool's).
     pub(super) handover: bool,
-    /// The network namespace its processes start in ([`VmConfig::netns`]).
+    /// The network namespace its processes start in
+    /// ([`super::VmConfig::netns`]).
     netns: Option<Arc<OwnedFd>>,
 }
 
@@ -768,6 +769,21 @@ mod tests {
         let exit = vm.shutdown(Duration::from_millis(50)).await;
         assert_eq!(exit.status, ProcessStatus::Signaled(9));
         assert!(!alive(vmm));
+    }
+
+    #[tokio::test]
+    async fn processes_start_in_the_trees_network_namespace() {
+        let ns = crate::network::HoldingNetns::new().unwrap().netns();
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = tree(dir.path()).in_netns(Some(ns.clone()));
+        let vmm = t
+            .spawn(ProcessRole::Vmm, "fake-vmm", sh("exec sleep 30"))
+            .unwrap();
+        let theirs = std::fs::read_link(format!("/proc/{vmm}/ns/net")).unwrap();
+        let inode = nix::sys::stat::fstat(&*ns).unwrap().st_ino;
+        assert_eq!(theirs, PathBuf::from(format!("net:[{inode}]")));
+        assert_ne!(theirs, std::fs::read_link("/proc/self/ns/net").unwrap());
+        drop(t.into_running(dir.path().join("none")));
     }
 
     #[tokio::test]

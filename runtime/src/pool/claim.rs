@@ -66,8 +66,8 @@ pub async fn claim_or_cold(
 /// directory to be moved to `request.target` (which must not exist), and
 /// adopts it as `request.id`. On success this process owns the VM: it
 /// runs at this process's niceness, in its cgroups, and ends when this
-/// process kills it or it powers off. Every error means no VM was taken and nothing is left
-/// behind.
+/// process kills it or it powers off. Every error means no VM was taken
+/// and nothing is left behind.
 pub async fn claim(socket: &Path, request: Request) -> Result<Claimed, PoolError> {
     let id = request.id.clone();
     let target = request.target.clone();
@@ -98,8 +98,6 @@ pub async fn claim(socket: &Path, request: Request) -> Result<Claimed, PoolError
     .await
     .map_err(|e| PoolError::Protocol(e.to_string()))??;
     let (stream, handover, nic_macs) = offered;
-    // Without our confirmation the pool kills the VM: an adoption that
-    // fails needs nothing more than dropping the connection.
     let nic_macs = match nic_macs_of(&nic_macs, nics) {
         Ok(m) => m,
         Err(e) => {
@@ -109,6 +107,8 @@ pub async fn claim(socket: &Path, request: Request) -> Result<Claimed, PoolError
             return Err(e);
         }
     };
+    // Without our confirmation the pool kills the VM: an adoption that
+    // fails needs nothing more than dropping the connection.
     let vm =
         RunningVm::adopt(handover, &id, &target).map_err(|e| PoolError::Protocol(e.to_string()))?;
     let confirmed =
