@@ -45,14 +45,12 @@ fn cgroup_dirs(cgroups: &str, mountinfo: &str) -> Vec<PathBuf> {
 /// processes in inner cgroups, a delegation that does not allow it) is
 /// logged, and the processes stay where they were in that hierarchy.
 pub fn join_my_cgroups(leaders: &[u32]) {
-    let (Ok(cgroups), Ok(mountinfo)) = (
-        fs::read_to_string("/proc/self/cgroup"),
-        fs::read_to_string("/proc/self/mountinfo"),
-    ) else {
+    let dirs = my_cgroup_dirs();
+    if dirs.is_empty() {
         return;
-    };
+    }
     let pids = super::memory::processes_in_groups(leaders).unwrap_or_default();
-    for dir in cgroup_dirs(&cgroups, &mountinfo) {
+    for dir in dirs {
         let procs = dir.join("cgroup.procs");
         for pid in &pids {
             if let Err(e) = fs::write(&procs, pid.to_string()) {
@@ -65,7 +63,8 @@ pub fn join_my_cgroups(leaders: &[u32]) {
     }
 }
 
-/// This process's cgroups, for tests: what [`join_my_cgroups`] joins.
+/// This process's cgroups: what [`join_my_cgroups`] joins (empty when
+/// `/proc` cannot say).
 pub fn my_cgroup_dirs() -> Vec<PathBuf> {
     match (
         fs::read_to_string("/proc/self/cgroup"),

@@ -18,7 +18,7 @@ use rtnetlink::LinkUnspec;
 
 use super::netns::{in_netns_fd, new_netns};
 use super::plumb::tap_name;
-use super::scan::links;
+use super::scan::{index_of, links};
 use super::{Mac, NetworkError};
 
 /// The pool's own network namespace.
@@ -120,17 +120,16 @@ impl HoldingNetns {
         }
         let taps = taps.to_vec();
         in_netns_fd(self.fd()?, move |handle| async move {
+            let Some(ns) = &target else {
+                return Ok(());
+            };
             let present = links(&handle).await?;
             for (i, tap) in taps.iter().take(count).enumerate() {
-                let Some(ns) = &target else { break };
-                let index = present
-                    .iter()
-                    .find(|l| l.name == tap.name)
-                    .map(|l| l.index)
-                    .ok_or_else(|| NetworkError::Io {
-                        what: format!("find the warm VM's tap {}", tap.name),
-                        source: std::io::Error::from(std::io::ErrorKind::NotFound),
-                    })?;
+                let index = index_of(
+                    &present,
+                    &tap.name,
+                    format!("find the warm VM's tap {}", tap.name),
+                )?;
                 let name = tap_name(i);
                 let moved = LinkUnspec::new_with_index(index)
                     .setns_by_fd(ns.as_raw_fd())

@@ -17,7 +17,7 @@ use rtnetlink::{Handle, LinkUnspec};
 use serde::{Deserialize, Serialize};
 
 use super::netns::in_netns;
-use super::scan::links;
+use super::scan::{index_of, links};
 use super::{Mac, NetworkError, PodNetwork};
 
 /// The record's file name in the pod's state directory.
@@ -195,15 +195,11 @@ async fn join(
     veth_index: u32,
     mtu: u32,
 ) -> Result<(), NetworkError> {
-    let tap_index = links(handle)
-        .await?
-        .into_iter()
-        .find(|l| l.name == link.tap)
-        .map(|l| l.index)
-        .ok_or_else(|| NetworkError::Io {
-            what: format!("find tap {} after making it", link.tap),
-            source: std::io::Error::from(std::io::ErrorKind::NotFound),
-        })?;
+    let tap_index = index_of(
+        &links(handle).await?,
+        &link.tap,
+        format!("find tap {} after making it", link.tap),
+    )?;
     let mut builder = LinkUnspec::new_with_index(tap_index).up();
     if mtu > 0 {
         builder = builder.mtu(mtu);

@@ -95,6 +95,19 @@ fn link_facts(msg: &LinkMessage) -> LinkFacts {
     f
 }
 
+/// The index of the interface `name` among `links`; a missing one is an
+/// error saying what `what` could not do.
+pub(super) fn index_of(links: &[LinkFacts], name: &str, what: String) -> Result<u32, NetworkError> {
+    links
+        .iter()
+        .find(|l| l.name == name)
+        .map(|l| l.index)
+        .ok_or_else(|| NetworkError::Io {
+            what,
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })
+}
+
 pub(super) async fn links(handle: &Handle) -> Result<Vec<LinkFacts>, NetworkError> {
     handle
         .link()

@@ -471,7 +471,7 @@ impl Pool {
         let fds: Vec<_> = reply.pidfds.iter().map(AsRawFd::as_raw_fd).collect();
         let offer = Reply::Offer(Offer {
             vm: reply.record.clone(),
-            nic_macs: nic_macs.clone(),
+            nic_macs,
         });
         let confirm = tokio::task::spawn_blocking(move || -> Result<(), PoolError> {
             wire::send(&s, &offer, &fds)?;
