@@ -30,9 +30,11 @@ GUEST_DIR=$NUTSHELL_GUEST_DIR
 BOOT_LIMIT_S=${BOOT_LIMIT_S:-60}
 RUNS=${RUNS:-10}
 
-# The verdict from a debug build (what `cargo test` already built); the
+# shellcheck source=tools/lib/build.sh
+source tools/lib/build.sh
+# The verdict from the debug build (what the test command already built); the
 # measured binaries are $PROFILE builds (release unless told), made only where the test runs.
-[[ ${BUILD:-1} == 0 ]] || cargo build -q -p nutshell
+[[ ${BUILD:-1} == 0 ]] || build_debug -q
 
 check=$(target/debug/nutshell check --guest-dir "$GUEST_DIR" || true)
 kvm_line=$(grep -E '^[a-z]+ +kvm ' <<<"$check" || true)

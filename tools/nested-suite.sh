@@ -48,7 +48,7 @@ run_test() {
   shift
   # shellcheck disable=SC2012 # names are cargo's: <file>-<16 hex digits>
   bin=$(ls -t target/debug/deps/"$file"-* 2>/dev/null | grep -E -- "-[0-9a-f]{16}$" | head -1 || true)
-  [[ -x $bin ]] || fail "no built test binary for $file (cargo test --no-run -p nutshell-tests --test $file)"
+  [[ -x $bin ]] || fail "no built test binary for $file (tools/test.sh builds it: cargo build --workspace --all-targets)"
   "$bin" "$@" || fail "$file failed with vm.backend = vmm"
 }
 while read -r file filters; do

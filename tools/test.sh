@@ -8,6 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export NUTSHELL_REQUIRE_ALL=1
 export CARGO_TERM_COLOR=never
+# A clean clone builds once: incremental state would only take disk.
+[[ ${CI:-} != true ]] || export CARGO_INCREMENTAL=0
+# shellcheck source=tools/lib/build.sh
+source tools/lib/build.sh
 step() { printf '\n==> %s\n' "$*"; }
 
 step "setup (dependencies only)"
@@ -22,15 +26,15 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "build the static agent (tests/tests/agent_host/ runs it)"
 tools/build-agent.sh >/dev/null
 
-step "build the shim, nutshell-runc and nutshell (tests/tests/containerd_*.rs run the shim under a private containerd, with nutshell pool under NUTSHELL_TEST_POOL=1; engine_*.rs nutshell-runc under private Docker and Podman, each in a network namespace of its own)"
-cargo build -p nutshell-runtime --bin containerd-shim-nutshell-v2 -p nutshell-runc --bin nutshell-runc -p nutshell --bin nutshell
+step "build every target once: the shim, nutshell-runc, nutshell, nutshell-vmm and the tests (tests/tests/containerd_*.rs run the shim under a private containerd, with nutshell pool under NUTSHELL_TEST_POOL=1; engine_*.rs nutshell-runc under private Docker and Podman, each in a network namespace of its own)"
+build_debug
 
 step "cargo test"
 cargo test --workspace
 
 step "the containerd suites once more, their pods claiming warm VMs (each private containerd runs a nutshell pool; CNI pods get the warm VM's NIC moved into their namespace)"
-NUTSHELL_TEST_POOL=1 cargo test -p nutshell-tests --test containerd_ctr --test containerd_faults --test containerd_parallel --test containerd_cni --test containerd_cri
-NUTSHELL_TEST_POOL=1 cargo test -p nutshell-tests --test engine_docker --test engine_podman bridge_network
+NUTSHELL_TEST_POOL=1 cargo test --workspace --test containerd_ctr --test containerd_faults --test containerd_parallel --test containerd_cni --test containerd_cri
+NUTSHELL_TEST_POOL=1 cargo test --workspace --test engine_docker --test engine_podman bridge_network
 
 step "fuzz the VMM's guest-facing parsers for a bounded time (cargo-fuzz, nightly)"
 # Built outside the clone, so a clean clone reuses the instrumented build.
@@ -40,9 +44,7 @@ step "full Linux boot on KVM with nutshell-vmm (skips where KVM cannot run Linux
 tools/kvm-linux-boot-test.sh
 
 step "the vmm backend end to end on a KVM that runs Linux (tools/nested-suite.sh; inside L1 where this host's cannot)"
-# Built here, not under emulation: what the suite runs beyond `cargo test`.
-cargo build -q -p nutshell -p nutshell-vmm
-cargo build -q -p nutshell-runtime --example agent-health
+# build_debug built all the suite runs, here rather than under emulation.
 if grep -qE '^ok +kvm-linux ' <<<"$(target/debug/nutshell check || true)"; then
   tools/nested-suite.sh
 else
