@@ -347,7 +347,11 @@ impl Inner {
         claim: CreateClaim<'_>,
     ) -> Result<CreateTaskResponse, ShimError> {
         let cid = req.id.clone();
+        // Where a Create's time goes, at debug level: the host's side of
+        // the rootfs, then the guest's CreateContainer.
+        let started = std::time::Instant::now();
         pod.attach_filesystems(req, bundle, spec).await?;
+        let attached = started.elapsed();
         join_pod_network(spec);
         let spec_json =
             serde_json::to_vec(&spec).map_err(|e| ShimError::Internal(e.to_string()))?;
@@ -361,6 +365,12 @@ impl Inner {
             })
             .await
             .map_err(|e| ShimError::agent("CreateContainer", e))?;
+        tracing::debug!(
+            container = %cid,
+            attach_ms = attached.as_millis() as u64,
+            guest_ms = (started.elapsed() - attached).as_millis() as u64,
+            "container's filesystems attached and created in the guest"
+        );
         let stdio = StdioConfig {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
