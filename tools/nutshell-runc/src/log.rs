@@ -39,7 +39,7 @@ static SINK: OnceLock<Sink> = OnceLock::new();
 
 /// Opens the log (appending, as runc does) and routes tracing into it;
 /// without `--log`, logs go to stderr. `NUTSHELL_LOG` overrides the level
-/// (`warn`, or `debug` with `--debug`).
+/// (`warn` and ttrpc's `error`, or `debug` with `--debug`).
 pub fn init(path: Option<&Path>, format: Format, debug: bool) -> std::io::Result<()> {
     let file = path
         .map(|p| {
@@ -52,7 +52,10 @@ pub fn init(path: Option<&Path>, format: Format, debug: bool) -> std::io::Result
     let filter = std::env::var("NUTSHELL_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
-        .unwrap_or_else(|| EnvFilter::new(if debug { "debug" } else { "warn" }));
+        // ttrpc's client warns "Failed to terminate pending RPC: the
+        // request has returned" when a reply wins a benign race. Without
+        // `--log`, Podman prints a verb's stderr on the user's terminal.
+        .unwrap_or_else(|| EnvFilter::new(if debug { "debug" } else { "warn,ttrpc=error" }));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .event_format(Line { format });
