@@ -94,9 +94,12 @@ fn make_node(
 /// `rootfs`. Nodes that exist already are left alone.
 pub fn create_default_nodes(rootfs: &Path, linux: Option<&Linux>) -> InitResult<()> {
     let dev = secure_join(rootfs, Path::new("/dev"))?;
-    for (name, major, minor) in DEFAULT_NODES {
-        make_node(&dev.join(name), SFlag::S_IFCHR, major, minor, 0o666, 0, 0)?;
-    }
+    in_dir(&dev, || {
+        for (name, major, minor) in DEFAULT_NODES {
+            make_node(Path::new(name), SFlag::S_IFCHR, major, minor, 0o666, 0, 0)?;
+        }
+        Ok(())
+    })?;
     for d in linux
         .and_then(|l| l.devices().as_deref())
         .unwrap_or_default()
@@ -124,17 +127,34 @@ pub fn create_default_nodes(rootfs: &Path, linux: Option<&Linux>) -> InitResult<
             d.gid().unwrap_or(0),
         )?;
     }
-    for (name, target) in DEFAULT_LINKS {
-        let link = dev.join(name);
-        if link.symlink_metadata().is_ok() {
-            // A bind-mounted /dev or a devtmpfs ptmx node: keep what is there,
-            // except a ptmx node, which must be this devpts instance's.
-            if name != "ptmx" || !dev.join("pts/ptmx").exists() || fs::read_link(&link).is_ok() {
-                continue;
+    in_dir(&dev, || {
+        for (name, target) in DEFAULT_LINKS {
+            let link = Path::new(name);
+            if link.symlink_metadata().is_ok() {
+                // A bind-mounted /dev or a devtmpfs ptmx node: keep what is
+                // there, except a ptmx node, which must be this devpts
+                // instance's.
+                if name != "ptmx" || !Path::new("pts/ptmx").exists() || fs::read_link(link).is_ok()
+                {
+                    continue;
+                }
+                fs::remove_file(link).ctx(|| format!("replacing /dev/{name}"))?;
             }
-            fs::remove_file(&link).ctx(|| format!("replacing {}", link.display()))?;
+            symlink(target, link).ctx(|| format!("linking /dev/{name} to {target}"))?;
         }
-        symlink(target, &link).ctx(|| format!("linking {} to {target}", link.display()))?;
-    }
-    Ok(())
+        Ok(())
+    })
+}
+
+/// Runs `f` with `dir` as the working directory, then returns to the one
+/// before. /dev is a tmpfs under a virtio-fs rootfs, whose lookups each
+/// cost a round trip to virtiofsd (mounts.rs says why): names relative to
+/// /dev itself skip the rootfs's components.
+fn in_dir(dir: &Path, f: impl FnOnce() -> InitResult<()>) -> InitResult<()> {
+    let back = fs::File::open(".").ctx(|| "opening the working directory".into())?;
+    fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+    nix::unistd::chdir(dir).ctx(|| format!("chdir to {}", dir.display()))?;
+    let r = f();
+    nix::unistd::fchdir(&back).ctx(|| "returning to the rootfs".into())?;
+    r
 }
