@@ -360,6 +360,16 @@ impl Containerd {
         Some(claims_logged(&self.dir.join("pool.log")))
     }
 
+    /// Waits until its pool, when it runs one, has a warm VM that no pod
+    /// claimed yet, so that the next pod claims rather than boots cold
+    /// whatever the machine's speed.
+    pub fn wait_pool_warm(&self) -> Result<(), String> {
+        match self.pool_claims() {
+            Some(claims) => wait_warm(&self.dir.join("pool.log"), claims),
+            None => Ok(()),
+        }
+    }
+
     /// A `ctr` command bound to this containerd and [`NAMESPACE`].
     pub fn ctr(&self, args: &[&str]) -> Command {
         self.ctr_in(NAMESPACE, args)
@@ -530,6 +540,28 @@ pub(crate) fn claims_logged(log: &Path) -> usize {
         .unwrap_or_default()
         .matches("VM claimed")
         .count()
+}
+
+/// How long a pool may take to boot its next VM: minutes inside L1, where
+/// everything is emulated.
+const POOL_WARM_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Waits until the pool logging to `log` has readied more VMs than the
+/// `claims` made so far.
+pub(crate) fn wait_warm(log: &Path, claims: usize) -> Result<(), String> {
+    let deadline = Instant::now() + POOL_WARM_TIMEOUT;
+    loop {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        if text.matches("warm VM ready").count() > claims {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the pool readied no VM within {POOL_WARM_TIMEOUT:?}:\n{text}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The test's own pool (`nutshell pool`, logging to `log`) when the config

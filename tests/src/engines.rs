@@ -478,24 +478,13 @@ impl Engine {
         }
     }
 
-    /// Waits (up to a minute) until its pool, when it runs one, has a VM
-    /// warm that no container claimed yet: a benchmark's next run then
-    /// claims rather than boots cold.
+    /// Waits until its pool, when it runs one, has a VM warm that no
+    /// container claimed yet: a benchmark's next run then claims rather
+    /// than boots cold.
     pub fn wait_pool_warm(&self) -> Result<(), String> {
-        let Some(claims) = self.pool_claims() else {
-            return Ok(());
-        };
-        let log = self.dir.join("pool.log");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let text = fs::read_to_string(&log).unwrap_or_default();
-            if text.matches("warm VM ready").count() > claims {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!("the pool never refilled:\n{text}"));
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        match self.pool_claims() {
+            Some(claims) => crate::containerd::wait_warm(&self.dir.join("pool.log"), claims),
+            None => Ok(()),
         }
     }
 

@@ -173,6 +173,7 @@ fn two_pods_on_the_bridge(handler: &str) {
         let serve = format!(
             "mkdir -p /www && echo {POD_PAGE} > /www/index.html && exec httpd -f -p 80 -h /www"
         );
+        t.c.wait_pool_warm().expect("the test's pool readies a VM");
         let b = start_pod(&mut cri, &t.c, b_config, handler, &["sh", "-c", &serve]).await;
         let mut a_config = pod_config("pod-a", &logs, NamespaceMode::Pod);
         a_config.dns_config = Some(DnsConfig {
@@ -186,9 +187,9 @@ fn two_pods_on_the_bridge(handler: &str) {
             assert!(pod.ip.starts_with("10.213.0."), "{}", pod.ip);
             assert_mirrored(pod, nutshell);
         }
-        // With a pool (NUTSHELL_TEST_POOL=1), pod B's VM at least was a
-        // warm one, its NIC moved into B's namespace at the claim; pod A
-        // may find the pool still refilling.
+        // With a pool (NUTSHELL_TEST_POOL=1), pod B's VM was a warm one
+        // (the test waited for it), its NIC moved into B's namespace at the
+        // claim; pod A may find the pool still refilling.
         if let (true, Some(claims)) = (nutshell, t.c.pool_claims()) {
             assert!(claims >= 1, "no pod claimed a warm VM");
         }
