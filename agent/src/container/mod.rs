@@ -19,6 +19,7 @@ pub mod sandbox;
 pub mod seccomp;
 pub mod spawn;
 pub mod spec;
+mod warm_up;
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};

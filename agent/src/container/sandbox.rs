@@ -44,6 +44,11 @@ impl Sandbox {
         &self.shared_dir
     }
 
+    /// Whether CreateSandbox has run (and DestroySandbox not since).
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
     /// The hostname for containers with their own UTS namespace.
     pub fn hostname(&self) -> Option<String> {
         self.hostname.clone()

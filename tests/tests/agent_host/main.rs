@@ -15,3 +15,4 @@ mod network;
 mod process_settings;
 mod reach;
 mod stdio;
+mod warm_up;
