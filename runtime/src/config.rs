@@ -139,6 +139,8 @@ pub struct PoolSettings {
     pub sizes: Vec<PoolSize>,
     /// NICs each warm VM carries; a pod with more interfaces boots cold.
     pub nics: u32,
+    /// Each warm VM creates and removes a throw-away container after boot.
+    pub warm_up: bool,
 }
 
 /// One more size of warm VM.
@@ -552,6 +554,10 @@ mod tests {
             }]
         );
         assert_eq!(c.pool.warm, Config::embedded().pool.warm);
+        // Warm VMs warm up unless told not to.
+        assert!(c.pool.warm_up);
+        let c = Config::from_str_named("[pool]\nwarm_up = false\n", "t.toml").unwrap();
+        assert!(!c.pool.warm_up);
     }
 
     #[test]

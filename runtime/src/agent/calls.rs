@@ -10,7 +10,7 @@ use nutshell_protocol::agent::{
     ListProcessesRequest, ListProcessesResponse, OomEvent, ReadOutputRequest, ReadOutputResponse,
     RemoveContainerRequest, ResizeTerminalRequest, SetTimeRequest, SignalProcessRequest,
     StartContainerRequest, StatsContainerResponse, UpdateContainerRequest, UpdateNetworkRequest,
-    WaitProcessRequest, WaitProcessResponse, WriteStdinRequest, WriteStdinResponse,
+    WaitProcessRequest, WaitProcessResponse, WarmUpRequest, WriteStdinRequest, WriteStdinResponse,
 };
 
 use super::{AgentClient, AgentError};
@@ -407,6 +407,18 @@ impl AgentClient {
             "RemoveContainer",
             false,
             self.raw.remove_container(self.ctx(false), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Has an idle agent create and remove a throw-away container, so that
+    /// a pod's first create runs code the guest has run before.
+    pub async fn warm_up(&self) -> Result<(), AgentError> {
+        self.call(
+            "WarmUp",
+            false,
+            self.raw.warm_up(self.ctx(false), &WarmUpRequest::default()),
         )
         .await
         .map(drop)

@@ -363,14 +363,33 @@ impl Pool {
             ..DialOptions::default()
         };
         let address = AgentAddress::hybrid_vsock(vm.agent_socket());
-        if let Err(e) = AgentClient::connect(&address, &dial, Some(vm.end_watch())).await {
-            let exit = vm.kill().await;
-            return Err(undo(PoolError::Setup(format!(
-                "{}; {exit}",
-                crate::shim::pod::chain(&e)
-            ))));
-        }
-        tracing::info!(vm = %id, size = %class.shape, elapsed_ms = started.elapsed().as_millis() as u64, "warm VM ready");
+        // A pod's first create then runs code its guest has run before; a
+        // VM whose warm-up fails is not trusted with a pod.
+        let ready = match AgentClient::connect(&address, &dial, Some(vm.end_watch())).await {
+            Ok(agent) if self.config.pool.warm_up => {
+                let booted = started.elapsed();
+                agent.warm_up().await.map(|()| booted)
+            }
+            Ok(_) => Ok(started.elapsed()),
+            Err(e) => Err(e),
+        };
+        let booted = match ready {
+            Ok(booted) => booted,
+            Err(e) => {
+                let exit = vm.kill().await;
+                return Err(undo(PoolError::Setup(format!(
+                    "{}; {exit}",
+                    crate::shim::pod::chain(&e)
+                ))));
+            }
+        };
+        tracing::info!(
+            vm = %id,
+            size = %class.shape,
+            boot_ms = booted.as_millis() as u64,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "warm VM ready"
+        );
         let end = vm.end_watch();
         if let Ok(mut w) = self.warm.lock() {
             w.entry(class.shape.clone())
