@@ -4,7 +4,9 @@
 #   - `ctr run --rm ... true` wall time, p50/p99 over N runs: runc
 #     (io.containerd.runc.v2), nutshell booting cold, and nutshell claiming
 #     a warm VM from a pool (`nutshell pool`, one VM kept warm; each run
-#     starts once the pool has refilled), all in the same run;
+#     starts once the pool has refilled), with the pool's warm-up and
+#     without it (`[pool] warm_up = false`), all in the same run;
+#   - PSS of a warm VM waiting in the pool, with and without its warm-up;
 #   - shim RSS per pod (an idle `sleep` pod);
 #   - PSS of the whole idle pod: the shim plus the VM's processes (QEMU,
 #     vhost-device-vsock, virtiofsd and its sandbox child).
@@ -23,7 +25,7 @@ while (($#)); do
   case $1 in
     --runs) RUNS=${2:?}; shift ;;
     --release) PROFILE=release ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -39,7 +41,11 @@ bench_dir=/run/nutshell-bench-$$
 # The shim reads this config (containerd passes the environment on); the
 # pool below serves its socket while the warm runs are timed.
 export NUTSHELL_CONFIG=/run/nutshell-bench-$$.toml
-printf '[pool]\nsocket = "%s"\nwarm = 1\n' "$bench_dir.pool.sock" >"$NUTSHELL_CONFIG"
+# pool_config WARM_UP: the config the shim and the pool read.
+pool_config() {
+  printf '[pool]\nsocket = "%s"\nwarm = 1\nwarm_up = %s\n' "$bench_dir.pool.sock" "$1" >"$NUTSHELL_CONFIG"
+}
+pool_config true
 # shellcheck source=tools/lib/paths.sh
 source tools/lib/paths.sh
 # shellcheck source=tools/lib/containerd.sh
@@ -86,12 +92,40 @@ row() { printf '%-34s %8s %8s\n' "$1" "$(percentile 50 <<<"$2")" "$(percentile 9
 printf '\n%-34s %8s %8s  (ctr run --rm ... true, %d runs each)\n' runtime p50_ms p99_ms "$RUNS"
 row io.containerd.runc.v2 "$(time_runs io.containerd.runc.v2)"
 row "io.containerd.nutshell.v2 (cold)" "$(time_runs io.containerd.nutshell.v2)"
-"target/$PROFILE/nutshell" pool --config "$NUTSHELL_CONFIG" 2>"$bench_dir.pool.log" &
-pool_pid=$!
-row "io.containerd.nutshell.v2 (pool)" "$(time_runs io.containerd.nutshell.v2 warm)"
-claimed=$(grep -c 'VM claimed' "$bench_dir.pool.log" || true)
-echo "  warm VMs claimed: $claimed of $RUNS runs"
-stop_pool
+
+kib() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/$3" 2>/dev/null || echo 0; }
+# pss_of PID...: the PSS (KiB) of these processes together
+pss_of() {
+  local p v sum=0
+  for p in "$@"; do
+    v=$(kib "$p" Pss smaps_rollup)
+    sum=$((sum + ${v:-0}))
+  done
+  echo "$sum"
+}
+
+# pool_pass LABEL WARM_UP: the warm runs against a fresh pool; then, once
+# it has refilled, the PSS of the VM waiting in it (the pool's children
+# lead their own process groups; virtiofsd forks a child).
+waiting_pss=()
+pool_pass() {
+  pool_config "$2"
+  "target/$PROFILE/nutshell" pool --config "$NUTSHELL_CONFIG" 2>"$bench_dir.pool.log" &
+  pool_pid=$!
+  row "io.containerd.nutshell.v2 ($1)" "$(time_runs io.containerd.nutshell.v2 warm)"
+  echo "  warm VMs claimed: $(grep -c 'VM claimed' "$bench_dir.pool.log" || true) of $RUNS runs"
+  local j pids=()
+  for ((j = 0; j < 600 && $(warm_vms) < RUNS + 1; j++)); do sleep 0.1; done
+  sleep 2
+  for p in $(pgrep -P "$pool_pid" || true); do
+    mapfile -t -O "${#pids[@]}" pids < <(pgrep -g "$p" || true)
+  done
+  waiting_pss+=("$(printf '%-40s %8s' "warm VM waiting ($1), PSS" "$(pss_of "${pids[@]}")")")
+  stop_pool
+}
+pool_pass pool true
+pool_pass "pool, no warm-up" false
+pool_config true
 
 # An idle pod: memory of the shim and of the whole pod.
 ns_ctr run -d --runtime io.containerd.nutshell.v2 "$NS_BUSYBOX_IMAGE" bench-idle sleep 100000 </dev/null >/dev/null
@@ -105,13 +139,9 @@ pod_pids=$shim
 for p in $vm_pids; do
   pod_pids+=" $(pgrep -g "$p" | tr '\n' ' ' || true)"
 done
-kib() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/$3" 2>/dev/null || echo 0; }
 shim_rss=$(kib "$shim" VmRSS status)
-pss=0
-for p in $pod_pids; do
-  v=$(kib "$p" Pss smaps_rollup)
-  pss=$((pss + ${v:-0}))
-done
+# shellcheck disable=SC2086 # a list of pids
+pss=$(pss_of $pod_pids)
 printf '\n%-40s %8s\n' "idle pod (sleep), host memory" KiB
 printf '%-40s %8s\n' "shim RSS" "$shim_rss"
 printf '%-40s %8s\n' "whole pod PSS (shim + VM processes)" "$pss"
@@ -123,3 +153,4 @@ for ((i = 0; i < 100; i++)); do
 done
 ns_ctr task delete bench-idle >/dev/null 2>&1 || true
 ns_ctr containers delete bench-idle >/dev/null
+printf '%s\n' "${waiting_pss[@]}"
