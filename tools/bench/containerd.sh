@@ -6,10 +6,11 @@
 #     a warm VM from a pool (`nutshell pool`, one VM kept warm; each run
 #     starts once the pool has refilled), with the pool's warm-up and
 #     without it (`[pool] warm_up = false`), all in the same run;
-#   - PSS of a warm VM waiting in the pool, with and without its warm-up;
-#   - shim RSS per pod (an idle `sleep` pod);
-#   - PSS of the whole idle pod: the shim plus the VM's processes (QEMU,
-#     vhost-device-vsock, virtiofsd and its sandbox child).
+#   - PSS of a warm VM waiting in the pool, and of an idle pod that claimed
+#     it, with and without its warm-up;
+#   - shim RSS per pod and PSS of the whole idle pod (an idle `sleep` pod
+#     booted cold, alone on the host): the shim plus the VM's processes
+#     (QEMU, vhost-device-vsock, virtiofsd and its sandbox child).
 #
 #   tools/bench/containerd.sh [--runs N] [--release]
 #
@@ -104,53 +105,62 @@ pss_of() {
   echo "$sum"
 }
 
+# idle_pod LABEL: an idle pod's shim RSS and whole PSS (the shim and the
+# VM's processes), as rows of memory_rows; the pod is removed after.
+memory_rows=()
+idle_pod() {
+  local rec shim vm_pids p pod_pids i
+  ns_ctr run -d --runtime io.containerd.nutshell.v2 "$NS_BUSYBOX_IMAGE" bench-idle sleep 100000 </dev/null >/dev/null
+  # A claimed VM's pool would boot the next beside it, sharing its file pages.
+  stop_pool
+  sleep 5
+  # Pod directories are named by a hash; owner.json says whose each is.
+  rec=$(dirname "$(grep -l '"pod": "bench-idle"' /run/nutshell/*/owner.json | head -1)")/vm.json
+  shim=$(sed -n 's/.*"shim_pid":\([0-9]*\).*/\1/p' "$rec")
+  vm_pids=$(grep -o '"pid":[0-9]*' "$rec" | cut -d: -f2)
+  # The VM processes lead their own process groups; virtiofsd forks a child.
+  pod_pids=$shim
+  for p in $vm_pids; do
+    pod_pids+=" $(pgrep -g "$p" | tr '\n' ' ' || true)"
+  done
+  memory_rows+=("$1:")
+  memory_rows+=("$(printf '  %-38s %8s' "shim RSS" "$(kib "$shim" VmRSS status)")")
+  # shellcheck disable=SC2086 # a list of pids
+  memory_rows+=("$(printf '  %-38s %8s' "whole pod PSS ($(wc -w <<<"$pod_pids") processes)" "$(pss_of $pod_pids)")")
+  ns_ctr task kill -s SIGKILL bench-idle >/dev/null
+  for ((i = 0; i < 100; i++)); do
+    ns_ctr task ls 2>/dev/null | grep -q '^bench-idle .*STOPPED' && break
+    sleep 0.1
+  done
+  ns_ctr task delete bench-idle >/dev/null 2>&1 || true
+  ns_ctr containers delete bench-idle >/dev/null
+}
+
 # pool_pass LABEL WARM_UP: the warm runs against a fresh pool; then, once
 # it has refilled, the PSS of the VM waiting in it (the pool's children
-# lead their own process groups; virtiofsd forks a child).
-waiting_pss=()
+# lead their own process groups; virtiofsd forks a child), and an idle
+# pod that claims it.
 pool_pass() {
   pool_config "$2"
   "target/$PROFILE/nutshell" pool --config "$NUTSHELL_CONFIG" 2>"$bench_dir.pool.log" &
   pool_pid=$!
   row "io.containerd.nutshell.v2 ($1)" "$(time_runs io.containerd.nutshell.v2 warm)"
   echo "  warm VMs claimed: $(grep -c 'VM claimed' "$bench_dir.pool.log" || true) of $RUNS runs"
-  local j pids=()
+  local j p pids=()
   for ((j = 0; j < 600 && $(warm_vms) < RUNS + 1; j++)); do sleep 0.1; done
   sleep 2
   for p in $(pgrep -P "$pool_pid" || true); do
     mapfile -t -O "${#pids[@]}" pids < <(pgrep -g "$p" || true)
   done
-  waiting_pss+=("$(printf '%-40s %8s' "warm VM waiting ($1), PSS" "$(pss_of "${pids[@]}")")")
-  stop_pool
+  memory_rows+=("$(printf '%-40s %8s' "warm VM waiting ($1), PSS" "$(pss_of "${pids[@]}")")")
+  idle_pod "idle pod (sleep), claimed ($1)"
+  (($(grep -c 'VM claimed' "$bench_dir.pool.log" || true) == RUNS + 1)) ||
+    memory_rows+=("  (that idle pod did not claim a warm VM: it booted cold)")
 }
 pool_pass pool true
 pool_pass "pool, no warm-up" false
 pool_config true
 
-# An idle pod: memory of the shim and of the whole pod.
-ns_ctr run -d --runtime io.containerd.nutshell.v2 "$NS_BUSYBOX_IMAGE" bench-idle sleep 100000 </dev/null >/dev/null
-sleep 5
-# Pod directories are named by a hash; owner.json says whose each is.
-rec=$(dirname "$(grep -l '"pod": "bench-idle"' /run/nutshell/*/owner.json | head -1)")/vm.json
-shim=$(sed -n 's/.*"shim_pid":\([0-9]*\).*/\1/p' "$rec")
-vm_pids=$(grep -o '"pid":[0-9]*' "$rec" | cut -d: -f2)
-# The VM processes lead their own process groups; virtiofsd forks a child.
-pod_pids=$shim
-for p in $vm_pids; do
-  pod_pids+=" $(pgrep -g "$p" | tr '\n' ' ' || true)"
-done
-shim_rss=$(kib "$shim" VmRSS status)
-# shellcheck disable=SC2086 # a list of pids
-pss=$(pss_of $pod_pids)
-printf '\n%-40s %8s\n' "idle pod (sleep), host memory" KiB
-printf '%-40s %8s\n' "shim RSS" "$shim_rss"
-printf '%-40s %8s\n' "whole pod PSS (shim + VM processes)" "$pss"
-printf '%-40s %8s\n' "  processes counted" "$(wc -w <<<"$pod_pids")"
-ns_ctr task kill -s SIGKILL bench-idle >/dev/null
-for ((i = 0; i < 100; i++)); do
-  ns_ctr task ls 2>/dev/null | grep -q '^bench-idle .*STOPPED' && break
-  sleep 0.1
-done
-ns_ctr task delete bench-idle >/dev/null 2>&1 || true
-ns_ctr containers delete bench-idle >/dev/null
-printf '%s\n' "${waiting_pss[@]}"
+idle_pod "idle pod (sleep), booted cold"
+printf '\n%-40s %8s\n' "host memory" KiB
+printf '%s\n' "${memory_rows[@]}"
