@@ -22,7 +22,8 @@
 # with NUTSHELL_REQUIRE_ALL=1 it is a failure (`FAIL: <reason>`, status 1).
 #
 # Knobs: NESTED_KVM_CPUS (2), NESTED_KVM_MEMORY (4G), NESTED_KVM_TIMEOUT_S
-# (1800, the whole L1 run), NESTED_KVM_ENV (more variable names to pass in).
+# (1800, the whole L1 run), NESTED_KVM_ENV (more variable names to pass in),
+# NESTED_KVM_QEMU (the QEMU binary L1 runs on; see below for the default).
 # L1 is CPU-hungry and stalls under load: run it under the shared VM lock,
 #   flock /tmp/nutshell-vm-tests.lock tools/nested-kvm.sh -- CMD
 set -euo pipefail
@@ -110,6 +111,47 @@ if [[ ! -s $kdir/vmlinuz || $(cat "$moddir/.nutshell-l1" 2>/dev/null) != "$stamp
   echo "$stamp" >"$moddir/.nutshell-l1"
 fi
 
+# L1 runs on a newer QEMU than the product's: bookworm-backports' (10.0 in
+# Dec 2026) instead of Debian 12's 7.2, unpacked under the cache and never
+# installed, so the TCG backend's own QEMU stays the distribution's. Under
+# 7.2, L1's kernel now and then locked up in KVM's local APIC code or
+# stalled without a word (issue 11). Elsewhere than Debian 12 the system's
+# QEMU serves. NESTED_KVM_QEMU names another binary.
+if [[ -z ${NESTED_KVM_QEMU:-} ]] && grep -qx 'VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null; then
+  qapt=$CACHE/qemu-apt
+  mkdir -p "$qapt/lists/partial" "$qapt/cache/archives/partial"
+  echo "deb http://deb.debian.org/debian bookworm-backports main" >"$qapt/sources.list"
+  apt_opts=(-o "Dir::Etc::sourcelist=$qapt/sources.list" -o Dir::Etc::sourceparts=/dev/null
+    -o "Dir::State::Lists=$qapt/lists" -o "Dir::Cache=$qapt/cache")
+  # The newest version; without the network, the one unpacked last.
+  qver=
+  if apt-get "${apt_opts[@]}" update >"$CACHE/apt-qemu.log" 2>&1; then
+    qver=$(apt-cache "${apt_opts[@]}" show --no-all-versions qemu-system-x86 2>/dev/null |
+      awk '$1 == "Version:" {print $2; exit}')
+  fi
+  qroot=$CACHE/qemu-${qver//[:~]/_}
+  if [[ -z $qver ]]; then
+    # shellcheck disable=SC2012 # our own directory names
+    qroot=$(ls -td "$CACHE"/qemu-*/.complete 2>/dev/null | head -1 || true)
+    [[ -n $qroot ]] || missing "no qemu-system-x86 from bookworm-backports (see $CACHE/apt-qemu.log)"
+    qroot=${qroot%/.complete}
+  elif [[ ! -e $qroot/.complete ]]; then
+    log "unpacking QEMU $qver (bookworm-backports) for L1 into $qroot"
+    rm -rf "$qroot"
+    mkdir -p "$qroot/debs"
+    (cd "$qroot/debs" && apt-get "${apt_opts[@]}" download qemu-system-x86 qemu-system-common qemu-system-data) \
+      >>"$CACHE/apt-qemu.log" 2>&1 || missing "apt-get download of QEMU $qver failed (see $CACHE/apt-qemu.log)"
+    for deb in "$qroot"/debs/*.deb; do dpkg-deb -x "$deb" "$qroot/root" || missing "unpacking $deb failed"; done
+    rm -rf "$qroot/debs"
+    "$qroot/root/usr/bin/qemu-system-x86_64" --version >/dev/null ||
+      missing "QEMU $qver from bookworm-backports does not run here"
+    touch "$qroot/.complete"
+  fi
+  NESTED_KVM_QEMU=$qroot/root/usr/bin/qemu-system-x86_64
+  # Its own modules, not the system QEMU's (a module must match its QEMU).
+  export QEMU_MODULE_DIR=$qroot/root/usr/lib/x86_64-linux-gnu/qemu
+fi
+
 # --- the run ---------------------------------------------------------------------
 # The exchange directory: a host path L1 sees. Not /tmp (an overlay in L1)
 # and not /var/{cache,tmp,log} (empty tmpfs there).
@@ -153,7 +195,7 @@ chmod +x "$x/inner.sh"
 printf -v exec_line '%q ' "$x/inner.sh" "$@"
 
 PATH="$venv/bin:$PATH" timeout --kill-after=10 "$TIMEOUT_S" vng --run "$kdir/vmlinuz" --disable-kvm \
-  --cpus "$CPUS" --memory "$MEMORY" --rw --verbose \
+  ${NESTED_KVM_QEMU:+--qemu "$NESTED_KVM_QEMU"} --cpus "$CPUS" --memory "$MEMORY" --rw --verbose \
   --qemu-opts="-cpu EPYC,+svm,+npt" --exec "$exec_line" >"$x/console.log" 2>&1 </dev/null &
 vng_pid=$!
 tail -n +1 -f --pid="$vng_pid" "$x/output" &

@@ -48,11 +48,13 @@ step "the vmm backend end to end on a KVM that runs Linux (tools/nested-suite.sh
 if grep -qE '^ok +kvm-linux ' <<<"$(target/debug/nutshell check || true)"; then
   tools/nested-suite.sh
 else
-  # L1 is emulated end to end, and now and then it fails on its own
-  # (issue 11): its kernel locks up in KVM's local APIC code (nested-kvm.sh
-  # ends L1 at the first soft-lockup report), panics, or resets a guest.
-  # A failure is printed in full above, then the suite runs again in a
-  # fresh L1, up to three tries; a third failure fails the test command.
+  # L1 is emulated end to end. On Debian 12's QEMU 7.2 it failed on its
+  # own now and then (issue 11): its kernel locked up in KVM's local APIC
+  # code (nested-kvm.sh ends L1 at the first soft-lockup report), panicked,
+  # reset a guest or stalled. nested-kvm.sh now runs it on QEMU 10.0 from
+  # bookworm-backports. Should it still fail, the failure is printed in full
+  # above, then the suite runs again in a fresh L1, up to three tries; a
+  # third failure fails the test command.
   # The suite takes 7-10 minutes in L1; a stall nothing reports is cut at
   # 15, so that three of them still end within CI's 90.
   export NESTED_KVM_TIMEOUT_S=${NESTED_KVM_TIMEOUT_S:-900}
