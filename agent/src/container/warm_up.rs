@@ -10,6 +10,7 @@
 //! executable file, which is never executed.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use oci_spec::runtime::Spec;
@@ -43,9 +44,11 @@ impl Engine {
                 "WarmUp is only for an idle agent, and a container exists".into(),
             ));
         }
-        let dir = base.join(format!("warm-up.{}", std::process::id()));
-        // One left by a warm-up that failed half-way would refuse the rootfs.
-        remove_dir(&dir);
+        // A directory per call: a second WarmUp at once fails on the
+        // container id, without touching the first one's rootfs.
+        static CALLS: AtomicU64 = AtomicU64::new(0);
+        let n = CALLS.fetch_add(1, Ordering::Relaxed);
+        let dir = base.join(format!("warm-up.{}.{n}", std::process::id()));
         let result = self.warm_up_in(&dir).await;
         remove_dir(&dir);
         result.map(|()| started.elapsed())

@@ -17,8 +17,16 @@ async fn warm_up_leaves_nothing_and_the_agent_runs_containers_after() {
     let Some(a) = Agent::start().await else {
         return;
     };
-    // The agent's own directory for it, under the temp dir it inherited.
-    let dir = std::env::temp_dir().join(format!("warm-up.{}", a.pid()));
+    // The agent's own directories for it, under the temp dir it inherited.
+    let prefix = format!("warm-up.{}.", a.pid());
+    let left = || -> Vec<_> {
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect()
+    };
     // Twice: the first call's lazily created runtime descriptors (a
     // ttrpc stream, the reaper's) are not the warm-up's.
     warm_up(&a).await.expect("a first warm-up");
@@ -27,8 +35,16 @@ async fn warm_up_leaves_nothing_and_the_agent_runs_containers_after() {
     assert_eq!(descendants(a.pid()), procs, "processes left behind");
     assert!(procs.is_empty(), "an idle agent has no children: {procs:?}");
     assert_eq!(settled_fds(a.pid()).await, fds, "descriptors left behind");
-    assert_eq!(count_mounts(&dir), 0, "mounts left behind");
-    assert!(!dir.exists(), "{} is left behind", dir.display());
+    assert_eq!(
+        count_mounts(&std::env::temp_dir().join(&prefix)),
+        0,
+        "mounts left behind"
+    );
+    assert_eq!(
+        left(),
+        Vec::<std::path::PathBuf>::new(),
+        "directories left behind"
+    );
     let req = pb::ListProcessesRequest {
         container_id: "nutshell-warm-up".into(),
         ..Default::default()
