@@ -22,7 +22,8 @@
 # with NUTSHELL_REQUIRE_ALL=1 it is a failure (`FAIL: <reason>`, status 1).
 #
 # Knobs: NESTED_KVM_CPUS (2), NESTED_KVM_MEMORY (4G), NESTED_KVM_TIMEOUT_S
-# (1800, the whole L1 run), NESTED_KVM_ENV (more variable names to pass in),
+# (1800, the whole L1 run), NESTED_KVM_STALL_S (120: L1 without its pulse
+# that long has stalled), NESTED_KVM_ENV (more variable names to pass in),
 # NESTED_KVM_QEMU (the QEMU binary L1 runs on; see below for the default).
 # L1 is CPU-hungry and stalls under load: run it under the shared VM lock,
 #   flock /tmp/nutshell-vm-tests.lock tools/nested-kvm.sh -- CMD
@@ -33,6 +34,7 @@ CACHE=${NUTSHELL_CACHE:-/var/cache/nutshell}/l1
 CPUS=${NESTED_KVM_CPUS:-2}
 MEMORY=${NESTED_KVM_MEMORY:-4G}
 TIMEOUT_S=${NESTED_KVM_TIMEOUT_S:-1800}
+STALL_S=${NESTED_KVM_STALL_S:-120}
 # What L1 loads from the kernel package: KVM and its dependencies, what
 # virtme-ng's initramfs needs to mount the shared root (virtio-fs, 9p), and
 # what pod networking needs there: veth, tun, a CNI bridge, tc ingress with
@@ -186,6 +188,10 @@ fi
 # L1's /dev has no static nodes that load their module on first open, as
 # a booted host's has: /dev/net/tun (the runtime's taps) appears with tun.
 modprobe tun >>"$x/modprobe.log" 2>&1 || true
+# L1's symbols (its modules' too), to name where its CPUs are should it stall.
+cat /proc/kallsyms >"$x/kallsyms" 2>/dev/null || true
+# L1's pulse, which the host watches: a file touched every 5 s of L1's time.
+( while :; do : >"$x/heartbeat"; sleep 5; done ) </dev/null >/dev/null 2>&1 &
 "$@" >"$x/output" 2>&1 </dev/null
 echo $? >"$x/status.new" && mv "$x/status.new" "$x/status"
 EOF
@@ -196,20 +202,87 @@ printf -v exec_line '%q ' "$x/inner.sh" "$@"
 
 PATH="$venv/bin:$PATH" timeout --kill-after=10 "$TIMEOUT_S" vng --run "$kdir/vmlinuz" --disable-kvm \
   ${NESTED_KVM_QEMU:+--qemu "$NESTED_KVM_QEMU"} --cpus "$CPUS" --memory "$MEMORY" --rw --verbose \
-  --qemu-opts="-cpu EPYC,+svm,+npt" --exec "$exec_line" >"$x/console.log" 2>&1 </dev/null &
+  --qemu-opts="-cpu EPYC,+svm,+npt -monitor unix:$x/monitor.sock,server=on,wait=off" --exec "$exec_line" >"$x/console.log" 2>&1 </dev/null &
 vng_pid=$!
 tail -n +1 -f --pid="$vng_pid" "$x/output" &
 tail_pid=$!
-# L1's own kernel now and then locks up under emulation (issue 11: both
-# CPUs spinning in KVM's __apic_accept_irq, one delivering an irqfd through
-# the IOAPIC, the other the vCPU's own timer). It never recovers, so L1 is
-# ended when the watchdog first reports it, not at TIMEOUT_S. (`timeout`
-# passes the signal to its process group: vng and QEMU.)
+# L1 fails in two ways that never recover (issue 11), so L1 is ended at
+# the first sign, not at TIMEOUT_S (`timeout` passes the signal to its
+# process group: vng and QEMU):
+#  - its kernel locks up (both CPUs spinning in KVM's __apic_accept_irq, one
+#    delivering an irqfd through the IOAPIC, the other the vCPU's own timer,
+#    on QEMU 7.2), and its watchdog says so;
+#  - it stalls without a word: its pulse stops, with QEMU busy. Before L1 is
+#    ended, QEMU's monitor gives each vCPU's registers, three times a second
+#    apart, to say where the emulated CPUs spin.
+# hmp CMD...: QEMU's human monitor, spoken in Python (Debian 12 has it in
+# every install, and socat not), with RIPs named from L1's kallsyms.
+hmp() {
+  /usr/bin/python3 - "$x/monitor.sock" "$x/kallsyms" "$@" <<'PY'
+import bisect, re, socket, sys, time
+syms = []
+try:
+    for line in open(sys.argv[2]):
+        addr, kind, name = line.split()[:3]
+        if kind in "tT":
+            syms.append((int(addr, 16), name))
+except OSError:
+    pass
+syms.sort()
+def name(m):
+    rip = int(m.group(1), 16)
+    i = bisect.bisect_right(syms, (rip, "~")) - 1
+    where = f" <{syms[i][1]}+{rip - syms[i][0]:#x} in L1>" if i >= 0 and rip - syms[i][0] < 0x4000 else ""
+    return m.group(0) + where
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+def drain():
+    out, end = b"", time.time() + 5
+    while time.time() < end:
+        try:
+            chunk = s.recv(65536)
+        except socket.timeout:
+            break
+        if not chunk:
+            break
+        out += chunk
+        if out.endswith(b"(qemu) "):
+            break
+    return out.decode(errors="replace")
+drain()
+for cmd in sys.argv[3:]:
+    s.sendall(cmd.encode() + b"\n")
+    # The monitor echoes the command, keystroke by keystroke, on one line.
+    reply = drain().replace("\r", "").removesuffix("(qemu) ").partition("\n")[2]
+    print(f"(qemu) {cmd}")
+    reply = re.sub(r"RIP=([0-9a-f]{16})", name, reply)
+    sys.stdout.write("".join(l + "\n" for l in reply.splitlines()
+                             if not l.startswith(("FPR", "YMM", "XMM", "FCW", "DR"))))
+    sys.stdout.flush()
+PY
+}
 (
   while kill -0 "$vng_pid" 2>/dev/null; do
     if grep -q 'BUG: soft lockup' "$x/console.log"; then
       sleep 3 # the rest of the report
       touch "$x/lockup"
+      kill -TERM "$vng_pid" 2>/dev/null
+      exit 0
+    fi
+    if [[ -e $x/heartbeat ]] && (($(date +%s) - $(stat -c %Y "$x/heartbeat") > STALL_S)); then
+      {
+        qemu=$(pgrep -f -- "^[^ ]*qemu-system-x86_64 .*$x/monitor.sock" | head -1 || true)
+        [[ -n $qemu ]] && top -H -b -n 1 -p "$qemu" | head -20
+        for i in 1 2 3; do
+          echo "--- sample $i"
+          cmds=("info cpus" "info registers -a")
+          for ((c = 0; c < CPUS; c++)); do cmds+=("cpu $c" "info lapic"); done
+          hmp "${cmds[@]}" || echo "(QEMU's monitor did not answer)"
+          sleep 1
+        done
+      } >"$x/stall.log" 2>&1
+      touch "$x/stalled"
       kill -TERM "$vng_pid" 2>/dev/null
       exit 0
     fi
@@ -232,6 +305,12 @@ fi
 if [[ -e $x/lockup ]]; then
   log "L1's kernel locked up (issue 11), so L1 was ended; its first report:"
   grep -m1 -A40 'BUG: soft lockup' "$x/console.log" | grep -v srso_return_thunk >&2
+  exit 125
+fi
+if [[ -e $x/stalled ]]; then
+  log "L1 stalled: no pulse for ${STALL_S}s (issue 11), so L1 was ended; its console's last lines, then its vCPUs:"
+  tail -15 "$x/console.log" >&2
+  cat "$x/stall.log" >&2
   exit 125
 fi
 if [[ ! $status =~ ^[0-9]+$ ]]; then

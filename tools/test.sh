@@ -48,15 +48,16 @@ step "the vmm backend end to end on a KVM that runs Linux (tools/nested-suite.sh
 if grep -qE '^ok +kvm-linux ' <<<"$(target/debug/nutshell check || true)"; then
   tools/nested-suite.sh
 else
-  # L1 is emulated end to end. On Debian 12's QEMU 7.2 it failed on its
-  # own now and then (issue 11): its kernel locked up in KVM's local APIC
-  # code (nested-kvm.sh ends L1 at the first soft-lockup report), panicked,
-  # reset a guest or stalled. nested-kvm.sh now runs it on QEMU 10.0 from
-  # bookworm-backports. Should it still fail, the failure is printed in full
-  # above, then the suite runs again in a fresh L1, up to three tries; a
-  # third failure fails the test command.
-  # The suite takes 7-10 minutes in L1; a stall nothing reports is cut at
-  # 15, so that three of them still end within CI's 90.
+  # L1 is emulated end to end, and fails on its own now and then (issue
+  # 11): on Debian 12's QEMU 7.2 its kernel locked up in KVM's local APIC
+  # code, panicked, reset a guest or stalled; on QEMU 10.0 from
+  # bookworm-backports, which nested-kvm.sh now uses, it stalled once in
+  # ten runs. nested-kvm.sh ends L1 at a lockup report or after two
+  # minutes without its pulse, printing where its vCPUs were. The failure
+  # is printed in full above, then the suite runs again in a fresh L1, up
+  # to three tries; a third failure fails the test command.
+  # The suite takes 7-10 minutes in L1; 15 bound a run that neither ends
+  # nor stalls, so that three of them still end within CI's 90.
   export NESTED_KVM_TIMEOUT_S=${NESTED_KVM_TIMEOUT_S:-900}
   for try in 1 2 3; do
     tools/nested-kvm.sh -- tools/nested-suite.sh && break
