@@ -52,10 +52,11 @@ else
   # 11): on Debian 12's QEMU 7.2 its kernel locked up in KVM's local APIC
   # code, panicked, reset a guest or stalled; on QEMU 10.0 from
   # bookworm-backports, which nested-kvm.sh now uses, 2 of 12 runs failed
-  # (a stall; a guest that reset before its kernel banner). nested-kvm.sh ends L1 at a lockup report or after two
-  # minutes without its pulse, printing where its vCPUs were. The failure
-  # is printed in full above, then the suite runs again in a fresh L1, up
-  # to three tries; a third failure fails the test command.
+  # (a stall; a guest that reset before its kernel banner). nested-kvm.sh
+  # ends L1 at a lockup report or after two minutes without its pulse,
+  # printing where its vCPUs were. The failure is printed in full above,
+  # then the suite runs again in a fresh L1, up to three tries; a third
+  # failure fails the test command.
   # The suite takes 7-10 minutes in L1; 15 bound a run that neither ends
   # nor stalls, so that three of them still end within CI's 90.
   export NESTED_KVM_TIMEOUT_S=${NESTED_KVM_TIMEOUT_S:-900}
