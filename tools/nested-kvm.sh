@@ -274,10 +274,10 @@ PY
       {
         qemu=$(pgrep -f -- "^[^ ]*qemu-system-x86_64 .*$x/monitor.sock" | head -1 || true)
         [[ -n $qemu ]] && top -H -b -n 1 -p "$qemu" | head -20
+        cmds=("info cpus" "info registers -a")
+        for ((c = 0; c < CPUS; c++)); do cmds+=("cpu $c" "info lapic"); done
         for i in 1 2 3; do
           echo "--- sample $i"
-          cmds=("info cpus" "info registers -a")
-          for ((c = 0; c < CPUS; c++)); do cmds+=("cpu $c" "info lapic"); done
           hmp "${cmds[@]}" || echo "(QEMU's monitor did not answer)"
           sleep 1
         done
