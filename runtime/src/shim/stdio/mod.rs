@@ -30,6 +30,9 @@ use tokio::task::JoinHandle;
 
 use crate::agent::AgentClient;
 
+mod stdin;
+use stdin::{relay_stdin, StdinSource};
+
 /// Largest chunk asked of the agent per read, and written per WriteStdin.
 const CHUNK: u32 = 256 * 1024;
 /// How long a logging binary gets to say it is ready.
@@ -448,81 +451,6 @@ async fn relay_output(
     }
 }
 
-/// Where a process's stdin comes from.
-enum StdinSource {
-    /// containerd's FIFO.
-    Fifo(PathBuf),
-    /// An fd the runtime was given.
-    File(tokio::fs::File),
-}
-
-async fn relay_stdin(
-    agent: AgentClient,
-    cid: String,
-    exec_id: String,
-    source: StdinSource,
-    mut close: watch::Receiver<bool>,
-    progress: Arc<AtomicU64>,
-) {
-    match source {
-        // O_RDONLY|O_NONBLOCK opens at once. Until a writer has come, the
-        // FIFO reports neither data nor hang-up, so the read waits (and
-        // stays cancellable); a writer that came and went is EOF.
-        StdinSource::Fifo(path) => match pipe::OpenOptions::new().open_receiver(&path) {
-            Ok(fifo) => copy_stdin(&agent, &cid, &exec_id, fifo, &mut close, &progress).await,
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot open stdin"),
-        },
-        StdinSource::File(f) => copy_stdin(&agent, &cid, &exec_id, f, &mut close, &progress).await,
-    }
-    if let Err(e) = agent.close_stdin(&cid, &exec_id).await {
-        tracing::debug!(%cid, %exec_id, error = %e, "CloseStdin");
-    }
-}
-
-/// Copies `fifo` to the stdin of process `exec_id` of container `cid`
-/// until its end-of-file (a pty's EIO counts as one) or `close`.
-async fn copy_stdin(
-    agent: &AgentClient,
-    cid: &str,
-    exec_id: &str,
-    mut fifo: impl tokio::io::AsyncRead + Unpin,
-    close: &mut watch::Receiver<bool>,
-    progress: &AtomicU64,
-) {
-    let mut buf = vec![0u8; CHUNK as usize];
-    loop {
-        let n = tokio::select! {
-            r = fifo.read(&mut buf) => match r {
-                Ok(n) => n,
-                // A pty whose other side closed.
-                Err(e) if e.raw_os_error() == Some(libc::EIO) => 0,
-                Err(e) => {
-                    tracing::warn!(%cid, %exec_id, error = %e, "cannot read stdin");
-                    0
-                }
-            },
-            _ = close.wait_for(|c| *c) => 0,
-        };
-        if n == 0 {
-            return;
-        }
-        let mut off = 0;
-        while off < n {
-            match agent.write_stdin(cid, exec_id, &buf[off..n]).await {
-                Ok(0) => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Ok(w) => off += w as usize,
-                Err(e) => {
-                    tracing::debug!(%cid, %exec_id, error = %e, "stdin relay ends");
-                    return;
-                }
-            }
-        }
-        progress.fetch_add(n as u64, Ordering::Relaxed);
-    }
-}
-
 /// Starts a `binary://` logger: fd 3 its stdout, fd 4 its stderr, fd 5
 /// closed (or written) when it is ready.
 async fn start_logging_binary(
@@ -658,26 +586,6 @@ mod tests {
         let mut buf = [0u8; 5];
         r.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"hello");
-    }
-
-    #[tokio::test]
-    async fn stdin_fifo_waits_for_a_writer_then_sees_its_eof() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("in");
-        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let mut r = pipe::OpenOptions::new().open_receiver(&p).unwrap();
-        let mut buf = [0u8; 16];
-        let early = tokio::time::timeout(Duration::from_millis(200), r.read(&mut buf)).await;
-        assert!(
-            early.is_err(),
-            "no writer yet must not read as EOF: {early:?}"
-        );
-        let mut w = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
-        std::io::Write::write_all(&mut w, b"abc").unwrap();
-        drop(w);
-        let mut got = Vec::new();
-        r.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"abc");
     }
 
     fn relays_with(outputs: Vec<JoinHandle<()>>, progress: Arc<AtomicU64>) -> Relays {
