@@ -109,7 +109,9 @@ pub(crate) fn qemu_args(config: &VmConfig, accel: Accel, files: &VmFiles) -> Vec
         // boot fits in 16 MiB, but a container's start does not: the cache
         // flushes and retranslates, and a warm pod's `ctr run` took 678 ms
         // against 370–409 with 64 MiB. 128 MiB was no faster, and an idle
-        // pod's PSS is the same with either (README, "Idle pod memory").
+        // pod's PSS is the same with either. With the pool's warm-up, 32
+        // MiB saves 11 MiB per pod but still costs 80 ms (README, "Idle
+        // pod memory").
         Accel::Tcg | Accel::Auto => ("tcg,tb-size=64", "max"),
     };
     let name = format!("nutshell-{}", config.id);
