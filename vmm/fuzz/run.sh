@@ -22,11 +22,14 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
   echo "SKIP: cargo-fuzz is not installed (tools/setup.sh --deps installs it)"; exit 0
 fi
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+# The vsock target's sockets go under TMPDIR; libFuzzer exits without
+# removing them, so they get a directory that goes with this run.
+fuzz_tmp=$(mktemp -d)
+trap 'rm -rf "$log" "$fuzz_tmp"' EXIT
 for t in block_queue virtqueue vsock_packet net_queue; do
   mkdir -p "corpus/$t"
   echo "==> $t for ${SECS}s"
-  cargo +nightly fuzz run "$t" "corpus/$t" -- -max_total_time="$SECS" -rss_limit_mb=1024 >"$log" 2>&1 || true
+  TMPDIR=$fuzz_tmp cargo +nightly fuzz run "$t" "corpus/$t" -- -max_total_time="$SECS" -rss_limit_mb=1024 >"$log" 2>&1 || true
   grep -E '^(Done|==[0-9]+==|SUMMARY|artifact)' "$log" || true
   [[ -z $(ls artifacts/"$t" 2>/dev/null) ]] || { echo "FAIL: $t found a crash: artifacts/$t"; exit 1; }
   # libFuzzer ends a clean bounded run with "Done N runs in S second(s)";

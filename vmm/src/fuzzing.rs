@@ -88,19 +88,30 @@ pub fn virtqueue(data: &[u8]) -> Option<u16> {
     Some(used_idx(&d.mem))
 }
 
+/// A directory removed when its thread ends (a test's thread; libFuzzer's
+/// process exits without running this, which `fuzz/run.sh` covers with a
+/// TMPDIR of its own).
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 thread_local! {
     /// One directory per thread, so parallel callers do not share sockets.
-    static VSOCK_DIR: PathBuf = {
+    static VSOCK_DIR: TempDir = {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let d = std::env::temp_dir().join(format!("nutshell-fuzz-vsock-{}-{n}", std::process::id()));
         let _ = std::fs::create_dir_all(&d);
-        d
+        TempDir(d)
     };
 }
 
 fn vsock_dir() -> PathBuf {
-    VSOCK_DIR.with(Clone::clone)
+    VSOCK_DIR.with(|d| d.0.clone())
 }
 
 /// vsock: the packet parser alone, then the same bytes as the TX and RX
