@@ -95,6 +95,9 @@ row io.containerd.runc.v2 "$(time_runs io.containerd.runc.v2)"
 row "io.containerd.nutshell.v2 (cold)" "$(time_runs io.containerd.nutshell.v2)"
 
 kib() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/$3" 2>/dev/null || echo 0; }
+# mib KIB: KiB as MiB, one decimal. Read by eye, the KiB this table printed
+# until 7 Dec were divided by 1000, not 1024, for the README.
+mib() { awk -v k="${1:-0}" 'BEGIN {printf "%.1f", k / 1024}'; }
 # pss_of PID...: the PSS (KiB) of these processes together
 pss_of() {
   local p v sum=0
@@ -124,9 +127,9 @@ idle_pod() {
     pod_pids+=" $(pgrep -g "$p" | tr '\n' ' ' || true)"
   done
   memory_rows+=("$1:")
-  memory_rows+=("$(printf '  %-38s %8s' "shim RSS" "$(kib "$shim" VmRSS status)")")
+  memory_rows+=("$(printf '  %-38s %8s' "shim RSS" "$(mib "$(kib "$shim" VmRSS status)")")")
   # shellcheck disable=SC2086 # a list of pids
-  memory_rows+=("$(printf '  %-38s %8s' "whole pod PSS ($(wc -w <<<"$pod_pids") processes)" "$(pss_of $pod_pids)")")
+  memory_rows+=("$(printf '  %-38s %8s' "whole pod PSS ($(wc -w <<<"$pod_pids") processes)" "$(mib "$(pss_of $pod_pids)")")")
   ns_ctr task kill -s SIGKILL bench-idle >/dev/null
   for ((i = 0; i < 100; i++)); do
     ns_ctr task ls 2>/dev/null | grep -q '^bench-idle .*STOPPED' && break
@@ -152,7 +155,7 @@ pool_pass() {
   for p in $(pgrep -P "$pool_pid" || true); do
     mapfile -t -O "${#pids[@]}" pids < <(pgrep -g "$p" || true)
   done
-  memory_rows+=("$(printf '%-40s %8s' "warm VM waiting ($1), PSS" "$(pss_of "${pids[@]}")")")
+  memory_rows+=("$(printf '%-40s %8s' "warm VM waiting ($1), PSS" "$(mib "$(pss_of "${pids[@]}")")")")
   idle_pod "idle pod (sleep), claimed ($1)"
   (($(grep -c 'VM claimed' "$bench_dir.pool.log" || true) == RUNS + 1)) ||
     memory_rows+=("  (that idle pod did not claim a warm VM: it booted cold)")
@@ -162,5 +165,5 @@ pool_pass "pool, no warm-up" false
 pool_config true
 
 idle_pod "idle pod (sleep), booted cold"
-printf '\n%-40s %8s\n' "host memory" KiB
+printf '\n%-40s %8s\n' "host memory" MiB
 printf '%s\n' "${memory_rows[@]}"
