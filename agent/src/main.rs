@@ -94,7 +94,12 @@ fn run(args: &[String], is_pid1: bool) -> Result<()> {
                 service.clone(),
             ));
         server.start().await.context("starting the ttrpc server")?;
-        tracing::info!(listen = %listen, version = nutshell_agent::AGENT_VERSION, "agent serving");
+        tracing::info!(
+            listen = %listen,
+            version = nutshell_agent::AGENT_VERSION,
+            "{}",
+            nutshell_protocol::AGENT_SERVING_LOG
+        );
         let reason = tokio::select! {
             r = shutdown.recv() => r.unwrap_or_else(|| "shutdown channel closed".to_string()),
             r = terminate_signal(is_pid1) => r,

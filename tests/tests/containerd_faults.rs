@@ -1,13 +1,16 @@
 //! Faults around the nutshell shim, through a private containerd: a missing
 //! guest kernel, a bad config value, the own VMM where KVM cannot run
-//! Linux, a guest that dies at boot, a killed VM, a killed shim, a containerd restart, and
+//! Linux, a guest that dies at boot, an agent that serves but cannot be
+//! reached, a killed VM, a killed shim, a containerd restart, and
 //! repeated create/delete cycles. Each must end with nothing left behind.
 
 use std::process::Stdio;
 use std::time::Duration;
 
 use nutshell_runtime::hypervisor::select::{kvm_verdict, KvmVerdict};
-use nutshell_tests::containerd::{start_test, test_nutshell_config, Containerd, NAMESPACE};
+use nutshell_tests::containerd::{
+    start_test, test_nutshell_config, test_nutshell_config_dialing, Containerd, NAMESPACE,
+};
 
 /// How long a test gives nutshell to clean up before checking.
 const SETTLE: Duration = Duration::from_secs(30);
@@ -144,6 +147,36 @@ fn a_guest_that_dies_at_boot_is_quoted_in_the_error() {
     assert!(
         msg.contains("last console lines") && msg.contains("Kernel panic"),
         "the error quotes the guest console: {msg}"
+    );
+    c.remove_everything();
+    c.assert_left_nothing(&before, SETTLE);
+}
+
+#[test]
+fn an_agent_that_serves_but_cannot_be_reached_is_given_up_early() {
+    // The agent listens on another vsock port than the runtime dials: it
+    // logs that it serves, but no CONNECT reaches it, as with a wedged
+    // vsock backend. The first VM is given up a grace after that line, not
+    // at the 20 s dial deadline, and a second VM is launched; it fails the
+    // same way, at the deadline.
+    let Some((_g, c, before)) = start_test(&test_nutshell_config_dialing(
+        "kernel_params = \"nutshell.agent_port=2000\"",
+        Duration::from_secs(20),
+    )) else {
+        return;
+    };
+    let out = c.run_nutshell("unreachable", &[], &["true"]).unwrap();
+    assert!(!out.status.success());
+    let msg = text(&out.stderr);
+    assert!(msg.contains("not reachable"), "ctr run said: {msg}");
+    let log = c.log_tail(usize::MAX);
+    let first = log
+        .lines()
+        .find(|l| l.contains("started once more"))
+        .unwrap_or_else(|| panic!("no relaunch in the log:\n{}", c.log_tail(60)));
+    assert!(
+        first.contains("logged that it serves, but no connection reached it"),
+        "the first VM was given up for its silence after serving: {first}"
     );
     c.remove_everything();
     c.assert_left_nothing(&before, SETTLE);

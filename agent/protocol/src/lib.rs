@@ -21,6 +21,11 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// `nutshell.agent_port=<n>`.
 pub const DEFAULT_AGENT_VSOCK_PORT: u32 = 1024;
 
+/// What the agent logs on the guest console once it listens. The runtime
+/// looks for it: a VM whose agent logged it but whose vsock backend still
+/// answers no CONNECT is replaced before the dial's whole deadline.
+pub const AGENT_SERVING_LOG: &str = "agent serving";
+
 /// Largest stdio chunk one ReadStdout/ReadStderr/WriteStdin call carries. Well
 /// below ttrpc's 4 MiB message limit.
 pub const MAX_STDIO_CHUNK: u32 = 1024 * 1024;

@@ -51,6 +51,12 @@ pub enum AgentError {
         attempts: u32,
         last_error: String,
     },
+    /// The guest's agent logged on the console that it listens, yet no
+    /// dial reached it for `grace` after (a wedged vsock backend).
+    #[error(
+        "the agent at {address} logged that it serves, but no connection reached it within {grace:?} after"
+    )]
+    UnreachableWhileServing { address: String, grace: Duration },
     /// The hybrid-vsock backend answered something other than `OK <port>`.
     #[error("the hybrid vsock handshake with {address} failed: {reason}")]
     Handshake { address: String, reason: String },

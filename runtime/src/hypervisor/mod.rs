@@ -35,8 +35,8 @@ use async_trait::async_trait;
 
 use crate::network::Mac;
 
-pub(crate) use console::format_tail;
 pub use console::sanitize_line;
+pub(crate) use console::{format_tail, last_lines};
 pub use memory::{host_memory, pss_by_cause, Cause, HostMemory};
 pub use vm::{ProcessRole, ProcessStatus, RunningVm, VmEndWatch, VmExit};
 
