@@ -11,6 +11,14 @@ use super::VmConfig;
 /// microvm lacks. `panic=-1` reboots on a panic, so a dead guest never
 /// lingers. The rest trims boot time (no timer check or crypto self tests,
 /// expedited RCU), which TCG pays for instruction by instruction.
+///
+/// `percpu_alloc=page` saves ~4 MiB of every pod's guest memory. With few
+/// vCPUs the default allocator makes each per-CPU unit 2 MiB (one huge
+/// page), and the first container's cgroup makes a second chunk for
+/// memory-cgroup-accounted per-CPU data, with a zeroed array of one pointer
+/// per 4 bytes of unit: 4 MiB of vmalloc the guest touches and never frees.
+/// With 4 KiB pages the unit is the ~150 KiB actually needed (7 Dec, QEMU/TCG:
+/// an idle pod's PSS 139.4 -> 135.7 MiB, start times unchanged).
 const BASE_CMDLINE: &[&str] = &[
     "console=ttyS0",
     "reboot=t",
@@ -19,6 +27,7 @@ const BASE_CMDLINE: &[&str] = &[
     "cryptomgr.notests",
     "rcupdate.rcu_expedited=1",
     "8250.nr_uarts=1",
+    "percpu_alloc=page",
 ];
 
 /// The guest kernel command line for `config`.
