@@ -102,6 +102,7 @@ pub fn main() -> ! {
 }
 
 fn stage1(ctl: BorrowedFd<'_>) -> InitResult<std::convert::Infallible> {
+    restore_address_randomization()?;
     let cfg = match recv_blocking(ctl).ctx(|| "reading the container config".into())? {
         Some(InitMsg::Config(cfg)) => cfg,
         Some(other) => {
@@ -137,6 +138,19 @@ fn stage1(ctl: BorrowedFd<'_>) -> InitResult<std::convert::Infallible> {
             std::process::exit(1)
         }
     }
+}
+
+/// The agent starts the init without address space randomization (see
+/// `spawn`), for the init's own code. Everything the init executes gets it
+/// back: the personality is inherited across execve.
+fn restore_address_randomization() -> InitResult<()> {
+    use nix::sys::personality::{self, Persona};
+    let current = personality::get().ctx(|| "reading the personality".into())?;
+    if current.contains(Persona::ADDR_NO_RANDOMIZE) {
+        personality::set(current - Persona::ADDR_NO_RANDOMIZE)
+            .ctx(|| "turning address space randomization back on".into())?;
+    }
+    Ok(())
 }
 
 fn stage2(ctl: BorrowedFd<'_>, cfg: &InitConfig) -> InitResult<std::convert::Infallible> {

@@ -4,7 +4,9 @@
 //! translates it (about 80 ms of a first CreateContainer here); on KVM the
 //! agent's and the kernel's pages still fault in. The warm pool calls this
 //! once after boot, so that the pod's own first create runs code the guest
-//! has already run. The container goes as far as its init waiting for
+//! has already run. That includes the container init's own code: the init
+//! is started without address space randomization (`spawn`), so under TCG
+//! the pod's init finds its code translated at the same addresses. The container goes as far as its init waiting for
 //! Start (namespaces, mounts, `/dev`, pivot_root, masked paths, a cgroup)
 //! and is removed without running anything: its rootfs holds one empty
 //! executable file, which is never executed.

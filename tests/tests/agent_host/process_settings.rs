@@ -1,6 +1,7 @@
 //! The spec's process settings take effect, or are refused with an error
 //! that names them: seccomp, capabilities, user and groups, cwd, env,
-//! umask, rlimits and oomScoreAdj.
+//! umask, rlimits and oomScoreAdj; and what every process gets whatever
+//! the spec says, such as address space randomization.
 
 use serde_json::json;
 
@@ -23,6 +24,29 @@ async fn seccomp_rule_denies_mkdir_with_eperm() {
     assert!(err.contains("Operation not permitted"), "stderr: {err:?}");
     let (exit, _, _) = a.run_to_end("nosec", &sh(&a, "mkdir /tmp/allowed")).await;
     assert_eq!(exit.exit_status, 0);
+}
+
+/// The agent starts each container init without address space
+/// randomization, so that TCG reuses its translated code; the init must turn
+/// it back on before it executes the container's process or an exec.
+#[tokio::test]
+async fn containers_and_execs_run_with_address_randomization() {
+    let Some(a) = Agent::start().await else {
+        return;
+    };
+    // 0x0040000 is ADDR_NO_RANDOMIZE; 00000000 is plain Linux.
+    let show = "cat /proc/self/personality";
+    let (exit, out, err) = a.run_to_end("aslr", &sh(&a, show)).await;
+    assert_eq!((exit.exit_status, out.as_str()), (0, "00000000\n"), "{err}");
+    a.run("aslr-exec", &sh(&a, "exec sleep 100")).await;
+    a.exec("aslr-exec", "e", &["sh", "-c", show], false)
+        .await
+        .unwrap();
+    assert_eq!(a.read_all("aslr-exec", "e", false).await, "00000000\n");
+    assert_eq!(a.wait("aslr-exec", "e").await.exit_status, 0);
+    a.signal("aslr-exec", "", 9).await;
+    a.wait("aslr-exec", "").await;
+    a.remove("aslr-exec").await;
 }
 
 #[tokio::test]
