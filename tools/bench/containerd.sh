@@ -93,6 +93,10 @@ row() { printf '%-34s %8s %8s\n' "$1" "$(percentile 50 <<<"$2")" "$(percentile 9
 printf '\n%-34s %8s %8s  (ctr run --rm ... true, %d runs each)\n' runtime p50_ms p99_ms "$RUNS"
 row io.containerd.runc.v2 "$(time_runs io.containerd.runc.v2)"
 row "io.containerd.nutshell.v2 (cold)" "$(time_runs io.containerd.nutshell.v2)"
+# containerd copies each shim's log into its own. A cold start whose first
+# VM's agent was not reached in time kills that VM and boots another
+# (Sandbox::start_relaunching's warning), which explains a slow outlier.
+echo "  VMs relaunched: $(grep -c 'is started once more' "$bench_dir/containerd.log" || true) in $RUNS cold runs"
 
 kib() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/$3" 2>/dev/null || echo 0; }
 # mib KIB: KiB as MiB, one decimal. Read by eye, the KiB this table printed
