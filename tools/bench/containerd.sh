@@ -5,7 +5,8 @@
 #     (io.containerd.runc.v2), nutshell booting cold, and nutshell claiming
 #     a warm VM from a pool (`nutshell pool`, one VM kept warm; each run
 #     starts once the pool has refilled), with the pool's warm-up and
-#     without it (`[pool] warm_up = false`), all in the same run;
+#     without it (`[pool] warm_up = false`), all in the same run, and how
+#     many VMs the cold runs gave up and booted again;
 #   - PSS of a warm VM waiting in the pool, and of an idle pod that claimed
 #     it, with and without its warm-up;
 #   - shim RSS per pod and PSS of the whole idle pod (an idle `sleep` pod
@@ -26,7 +27,7 @@ while (($#)); do
   case $1 in
     --runs) RUNS=${2:?}; shift ;;
     --release) PROFILE=release ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
