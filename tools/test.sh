@@ -51,7 +51,7 @@ else
   # L1 is emulated end to end, and fails on its own now and then (issue
   # 11): on Debian 12's QEMU 7.2 its kernel locked up in KVM's local APIC
   # code, panicked, reset a guest or stalled; on QEMU 10.0 from
-  # bookworm-backports, which nested-kvm.sh now uses, 4 of 19 runs failed
+  # bookworm-backports, which nested-kvm.sh now uses, 4 of 20 runs failed
   # (a stall; guests that reset or stopped answering), two of them in a
   # row. nested-kvm.sh
   # ends L1 at a lockup report or after two minutes without its pulse,

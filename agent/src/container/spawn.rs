@@ -106,13 +106,13 @@ pub async fn spawn(
     // async-signal-safe, on a descriptor that stays open until spawn returns.
     unsafe {
         cmd.pre_exec(move || {
-            // The init maps the agent at the same address every time, so
-            // that QEMU's TCG, whose translations (7.2) are keyed by virtual
-            // address, reuses the init's code translated for an earlier
-            // container (the pool's warm-up's) instead of translating it
-            // once more per container: 4 MiB less per claimed pod, and
-            // faster starts (README, "Idle pod memory"). The init turns
-            // randomization back on before it executes anything
+            // The init maps the agent at the same address every time.
+            // Under QEMU's TCG, code run at a new virtual address is
+            // translated again, so a randomized init translated once more
+            // what the pool's warm-up's init had translated a moment
+            // before: 4 MiB more of QEMU's memory per claimed pod, and a
+            // slower start (README, "Where a pod's start goes"). The init
+            // turns randomization back on before it executes anything
             // (`init::restore_address_randomization`).
             let current = libc::personality(0xffff_ffff);
             if current < 0

@@ -5,11 +5,11 @@
 //! agent's and the kernel's pages still fault in. The warm pool calls this
 //! once after boot, so that the pod's own first create runs code the guest
 //! has already run. That includes the container init's own code: the init
-//! is started without address space randomization (`spawn`), so under TCG
-//! the pod's init finds its code translated at the same addresses. The container goes as far as its init waiting for
-//! Start (namespaces, mounts, `/dev`, pivot_root, masked paths, a cgroup)
-//! and is removed without running anything: its rootfs holds one empty
-//! executable file, which is never executed.
+//! is started without address space randomization (`spawn`), so the pod's
+//! init runs it at the same addresses. The container goes as far as its
+//! init waiting for Start (namespaces, mounts, `/dev`, pivot_root, masked
+//! paths, a cgroup) and is removed without running anything: its rootfs
+//! holds one empty executable file, which is never executed.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
