@@ -114,12 +114,8 @@ pub async fn spawn(
             // slower start (README, "Where a pod's start goes"). The init
             // turns randomization back on before it executes anything
             // (`init::restore_address_randomization`).
-            let current = libc::personality(0xffff_ffff);
-            if current < 0
-                || libc::personality((current | libc::ADDR_NO_RANDOMIZE) as libc::c_ulong) < 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
+            use nix::sys::personality::{self, Persona};
+            personality::set(personality::get()? | Persona::ADDR_NO_RANDOMIZE)?;
             if raw == CONTROL_FD {
                 if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
